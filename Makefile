@@ -1,0 +1,47 @@
+# posttrain — every target sets up what it needs. `make demo` and `make test` work as the first
+# command on a fresh clone: they depend on .venv, which `make install` builds from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test test-fast clean clean-demo
+
+install: $(STAMP)
+
+# Rebuilt when the dependency list or the tested pins change; otherwise a no-op (idempotent).
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	@# torch first: the CPU build where there is no CUDA, else keep the working CUDA torch.
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+	    echo "keeping installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	else \
+	    $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu --timeout 20 --retries 1 \
+	      || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	@# Pin whatever torch is now installed, so the resolver can never swap it for another build.
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(BIN)/python -c "import torch, trl, posttrain; print('installed: torch', torch.__version__, '| trl', trl.__version__)"
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	bash scripts/demo.sh $(DEMO_DIR)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,171 @@
+"""The `posttrain` command. Each command parses its arguments, calls one function, and turns a
+`PosttrainError` into one line on stderr and exit code 2 (`--debug` shows the traceback).
+
+Imports of torch, transformers and trl happen inside the commands, so `--help` and `validate`
+stay instant. Planned stages (reward, ppo, dpo, merge, eval, run) arrive with their issues and
+are not listed until they work.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from posttrain.errors import PosttrainError
+
+app = typer.Typer(
+    name="posttrain",
+    help="LLM post-training from one YAML: format → SFT → reward → PPO → DPO → merge → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_state = {"debug": False}
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config (one stage or the whole chain).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set sft.training.max_steps=10.")
+]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Stage output directory.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished output directory.")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def user_errors(fn):
+    """Run a command; a PosttrainError becomes one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PosttrainError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {e.line()}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(config: Path | None, overrides: list[str] | None, base: str | None = None):
+    from posttrain.config import load_config
+
+    if config is None and base is None:
+        raise PosttrainError("give a config file (or --base for a stage that can start from one)")
+    if config is None:
+        from posttrain import manifest
+
+        recorded = manifest.read(base)
+        if not recorded or "config" not in recorded:
+            raise PosttrainError(f"--base '{base}' has no recorded config", fix="give a config file")
+        return load_config(None, overrides, base=recorded["config"])
+    return load_config(config, overrides)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import logging
+
+    # Before the imports: bitsandbytes warns at import time about an optional CPU kernel package.
+    for noisy in ("bitsandbytes", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    datasets.disable_progress_bars()
+
+
+@app.command()
+@user_errors
+def validate(config: Annotated[Path, typer.Argument(help="YAML config to check.")], set_: SetOpt = None) -> None:
+    """Check a config without loading models (exit 0 when valid, 2 when not)."""
+    cfg = _load(config, set_)
+    stages = " → ".join(cfg.stages)
+    typer.echo(f"ok: {config} (model {cfg.model.name_or_path}; stages {stages}; datasets {', '.join(cfg.data) or '-'})")
+
+
+@app.command("format")
+@user_errors
+def format_cmd(config: ConfigArg = None, output: OutputOpt = None, set_: SetOpt = None,
+               overwrite: OverwriteOpt = False) -> None:
+    """Format the datasets under data: into trainer-ready conversations, with checks and a manifest."""
+    cfg = _load(config, set_)
+    _quiet_libraries()
+    from posttrain.stages import format as stage
+
+    stage.run(cfg, output=output, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def sft(config: ConfigArg = None,
+        base: Annotated[str | None, typer.Option("--base", help="Start from this model or finished stage.")] = None,
+        output: OutputOpt = None, set_: SetOpt = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+        overwrite: OverwriteOpt = False) -> None:
+    """Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer."""
+    cfg = _load(config, set_, base)
+    _quiet_libraries()
+    from posttrain.stages import sft as stage
+
+    stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def preview(config: Annotated[Path, typer.Argument(help="YAML config.")],
+            stage: Annotated[str, typer.Option("--stage", help="Whose data to show (sft or dpo).")] = "sft",
+            n: Annotated[int, typer.Option("-n", help="How many samples.")] = 3,
+            set_: SetOpt = None) -> None:
+    """Print rendered training samples with the trained (loss) tokens highlighted."""
+    cfg = _load(config, set_)
+    _quiet_libraries()
+    from posttrain.preview import show
+
+    show(cfg, stage, n)
+
+
+@app.command("init-tiny")
+@user_errors
+def init_tiny(directory: Annotated[Path, typer.Argument(help="Where to write the tiny model and tokenizer.")],
+              data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Also write the demo data here.")] = None,
+              hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> None:
+    """Build a tiny random-init Llama model and BPE tokenizer offline (for the demo and tests)."""
+    if hidden % heads:
+        raise PosttrainError(f"--hidden {hidden} is not divisible by --heads {heads}")
+    _quiet_libraries()
+    from posttrain import demo, tiny
+
+    if data_dir is not None:
+        paths = demo.write_data(data_dir, seed=seed)
+        typer.echo(f"demo data: {', '.join(str(p) for p in paths.values())}")
+    out = tiny.init_tiny(directory, demo.corpus(seed), hidden=hidden, layers=layers, heads=heads, seed=seed)
+    typer.echo(f"tiny model and tokenizer: {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `posttrain preview ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

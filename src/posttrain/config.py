@@ -1,0 +1,438 @@
+"""Configs: YAML + `--set` overrides → one typed, validated `Config`, without importing torch.
+
+One YAML describes either one stage or the whole chain. Top-level sections:
+
+    model:     the base model (Hub name or local path) and how to load it
+    template:  the chat template (chatml, the tokenizer's own, or a .jinja file)
+    data:      named datasets (`sft`, `preference`, ...) with their sources and column mappings
+    stages:    the chain, in order (used by `posttrain run`)
+    output_dir: the output root; each stage writes <output_dir>/<stage> unless --output is given
+    sft / dpo / ...: one section per stage; `training:` holds the TRL config fields verbatim
+
+Unknown keys anywhere are errors that name the key, its line in the file and the nearest valid
+key. Trainer hyperparameters under `training:` are checked against a snapshot of TRL's config
+dataclasses (trl_fields.json), because importing TRL would import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.errors import PosttrainError, did_you_mean
+
+STAGES = ("format", "sft", "reward", "ppo", "dpo", "merge", "eval")
+# Stages whose command exists in this release; the rest are planned (see README).
+IMPLEMENTED_STAGES = ("format", "sft")
+TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "dpo": "DPOConfig"}
+# Trainer fields that posttrain sets itself; setting them under `training:` would be ignored.
+OWNED_TRAINING_FIELDS = {
+    "output_dir": "use --output or the top-level output_dir",
+    "assistant_only_loss": "set it as sft.assistant_only_loss",
+    "chat_template_path": "set template.name",
+    "model_init_kwargs": "set model.dtype / model.attn_implementation",
+    "pad_token": "set model.pad_token",
+    "resume_from_checkpoint": "pass --resume on the command line",
+}
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(description="Hub model id or local directory of the base model.")
+    tokenizer: str | None = Field(None, description="Tokenizer source if not the model's own.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto = bf16 on GPUs that have it, else fp32."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    trust_remote_code: bool = False
+    pad_token: str | None = Field(
+        None,
+        description="Padding token. Must differ from eos and the end-of-turn token; when unset and the "
+        "tokenizer has none (or pads with eos), posttrain picks an unused special token.",
+    )
+
+
+class TemplateConfig(Strict):
+    name: str = Field(
+        "chatml",
+        description="'chatml' (built in, with generation markers), 'tokenizer' (the tokenizer's own "
+        "template) or a path to a .jinja file.",
+    )
+    add_special_tokens: bool = Field(
+        False,
+        description="Add the template's special tokens to the tokenizer when missing (grows the "
+        "vocabulary: embeddings are resized and trained). Off: a missing token is an error.",
+    )
+    system_prompt: str | None = Field(None, description="System message for conversations that have none.")
+
+
+class SourceConfig(Strict):
+    path: str = Field(description="Local .jsonl/.json/.parquet/.csv file or directory, or a Hub dataset id.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = "train"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source columns: {source_column: canonical_name}."
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="Rename message roles: {source_role: user|assistant|system}."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class DataConfig(Strict):
+    kind: Literal["sft", "preference"] = Field(description="What the stage consumes.")
+    train: list[SourceConfig] = Field(min_length=1)
+    eval: list[SourceConfig] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share split off train when no eval given.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="Stop when more than this share of rows cannot be formatted."
+    )
+    seed: int = 0
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class StageConfig(Strict):
+    """Fields shared by the training stages."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: dict[str, Any] = Field(default_factory=dict, description="TRL trainer config fields, verbatim.")
+
+
+class FormatStageConfig(Strict):
+    datasets: list[str] | None = Field(None, description="Names under data: to format; default all.")
+
+
+class SFTStageConfig(StageConfig):
+    data: str = Field("sft", description="Name of the dataset under data:.")
+    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (conversations).")
+
+
+class DPOStageConfig(StageConfig):
+    data: str = Field("preference", description="Name of the dataset under data:.")
+    reference: Literal["copy", "adapter_disabled", "precomputed"] = Field(
+        "copy", description="Reference model: frozen copy of the start model, the policy with its adapter "
+        "disabled, or reference log-probs precomputed once."
+    )
+
+
+class Config(Strict):
+    model: ModelConfig
+    template: TemplateConfig = Field(default_factory=TemplateConfig)
+    data: dict[str, DataConfig] = Field(default_factory=dict)
+    stages: list[Literal["format", "sft", "reward", "ppo", "dpo", "merge", "eval"]] = Field(
+        default_factory=lambda: ["format", "sft"]
+    )
+    output_dir: str = "runs/posttrain"
+    seed: int = 42
+    format: FormatStageConfig = Field(default_factory=FormatStageConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, v: list[str]) -> list[str]:
+        order = [STAGES.index(s) for s in v]
+        if order != sorted(set(order)):
+            raise ValueError(f"stages must be a subsequence of {list(STAGES)} without repeats")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        for stage, want in (("sft", "sft"), ("dpo", "preference")):
+            section = getattr(self, stage)
+            if stage not in self.stages and section.data not in self.data:
+                continue
+            if section.data not in self.data:
+                near = did_you_mean(section.data, self.data)
+                hint = f"did you mean '{near}'?" if near else f"add a data.{section.data} section"
+                raise ValueError(f"{stage}.data names dataset '{section.data}', which is not under data: ({hint})")
+            if self.data[section.data].kind != want:
+                raise ValueError(
+                    f"{stage}.data '{section.data}' has kind '{self.data[section.data].kind}', "
+                    f"but {stage} needs kind '{want}'"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Read YAML (or start from `base`), apply `key.path=value` overrides, validate."""
+    where = str(path) if path else "config"
+    raw: dict = dict(base or {})
+    lines: dict[tuple, int] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PosttrainError(f"config file '{p}' does not exist", fix="check the path")
+        text = _read_text(p)
+        try:
+            node = yaml.compose(text, Loader=_Loader)
+            loaded = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise PosttrainError(f"not valid YAML ({getattr(e, 'problem', e)})", where=at) from None
+        if loaded is None:
+            raise PosttrainError("config file is empty", where=str(p), fix="see configs/ for examples")
+        if not isinstance(loaded, dict):
+            raise PosttrainError("config must be a mapping of sections (model:, data:, sft: ...)", where=str(p))
+        raw = loaded
+        _line_map(node, (), lines)
+    for item in overrides or []:
+        _apply_override(raw, item, lines)
+    return validate_dict(raw, where=where, lines=lines)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants 1.0e-3 and gives the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_value(text: str):
+    return yaml.load(text, Loader=_Loader) if text.strip() else None  # noqa: S506
+
+
+def validate_dict(raw: dict, where: str = "config", lines: dict[tuple, int] | None = None) -> Config:
+    lines = lines or {}
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise _to_error(e, where, lines) from None
+    for stage, cls_name in TRAINING_STAGE_TRL_CONFIG.items():
+        _check_training(getattr(cfg, stage).training, cls_name, (stage, "training"), where, lines)
+    _check_cross_training(cfg, where)
+    return cfg
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PosttrainError(f"not UTF-8 text (byte {e.start})", where=str(p), fix="save the file as UTF-8") from None
+
+
+def _apply_override(raw: dict, item: str, lines: dict) -> None:
+    if "=" not in item:
+        raise PosttrainError(f"--set '{item}' is not key.path=value", fix="e.g. --set sft.training.max_steps=10")
+    key, value = item.split("=", 1)
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise PosttrainError(f"--set '{item}' has an empty key")
+    try:
+        parsed = _parse_value(value)
+    except yaml.YAMLError:
+        parsed = value
+    for known in [k for k in lines if k[: len(parts)] == tuple(parts)]:
+        del lines[known]
+    lines[tuple(parts)] = f"--set {item}"
+    node = raw
+    for k in parts[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[parts[-1]] = parsed
+
+
+def _line_map(node, path: tuple, out: dict) -> None:
+    """Remember the line of every mapping key and list item so errors can point into the file."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*path, k.value)
+            out[key] = k.start_mark.line + 1
+            _line_map(v, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[(*path, i)] = v.start_mark.line + 1
+            _line_map(v, (*path, i), out)
+
+
+def _where(where: str, lines: dict, loc: tuple) -> str:
+    for n in range(len(loc), 0, -1):
+        found = lines.get(loc[:n])
+        if isinstance(found, str):
+            return found
+        if found is not None:
+            return f"{where}:{found}"
+    return where
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys of the config section at `loc` (for did-you-mean)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _to_error(e: ValidationError, where: str, lines: dict) -> PosttrainError:
+    errors = e.errors()
+    err = errors[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    at = _where(where, lines, loc)
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        # data.<name>.* is a free-form mapping: look one level up for the section model
+        valid = _fields_at(loc[:-1]) or _fields_at(tuple(p for p in loc[:-1] if p not in _free_keys(loc)))
+        near = did_you_mean(key, valid)
+        fix = f"did you mean '{near}'?" if near else f"valid keys here: {', '.join(valid)}"
+        return PosttrainError(f"unknown key '{_dotted(loc)}'{more}", where=at, fix=fix)
+    if err["type"] == "value_error":
+        return PosttrainError(f"{err['ctx']['error']}{more}", where=at)
+    if err["type"] == "missing":
+        return PosttrainError(f"missing required key '{_dotted(loc)}'{more}", where=at)
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a mapping"
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return PosttrainError(f"'{_dotted(loc)}' is {shown}: {msg}{more}", where=at)
+
+
+def _free_keys(loc: tuple) -> set:
+    # Keys of free-form mappings (dataset names under data:) are not fields of any model.
+    return {loc[1]} if len(loc) > 2 and loc[0] == "data" else set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer fields (validated against the TRL snapshot)
+
+
+@cache
+def trl_fields() -> dict:
+    text = resources.files("posttrain").joinpath("trl_fields.json").read_text()
+    return json.loads(text)
+
+
+_KIND_OF = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict", type(None): "null"}
+
+
+def _check_training(training: dict, cls_name: str, loc: tuple, where: str, lines: dict) -> None:
+    fields = trl_fields()["configs"][cls_name]
+    for key, value in training.items():
+        kloc = (*loc, key)
+        at = _where(where, lines, kloc)
+        if key in OWNED_TRAINING_FIELDS:
+            raise PosttrainError(
+                f"'{_dotted(kloc)}' is set by posttrain", where=at, fix=OWNED_TRAINING_FIELDS[key]
+            )
+        if key not in fields:
+            near = did_you_mean(key, fields)
+            fix = f"did you mean '{near}'?" if near else f"see the fields of trl.{cls_name}"
+            raise PosttrainError(f"unknown key '{_dotted(kloc)}' (not a field of trl.{cls_name})", where=at, fix=fix)
+        spec = fields[key]
+        kind = _KIND_OF.get(type(value), "any")
+        ok = "any" in spec["kinds"] or kind in spec["kinds"] or (kind == "int" and "float" in spec["kinds"])
+        if not ok:
+            want = " or ".join(k for k in spec["kinds"] if k != "null") or "null"
+            raise PosttrainError(f"'{_dotted(kloc)}' is {value!r} ({kind}), expected {want}", where=at)
+        if "choices" in spec and isinstance(value, str) and value not in spec["choices"]:
+            near = did_you_mean(value, spec["choices"])
+            fix = f"did you mean '{near}'?" if near else f"one of: {', '.join(spec['choices'])}"
+            raise PosttrainError(f"'{_dotted(kloc)}' is '{value}', not a valid choice", where=at, fix=fix)
+        if kind in ("int", "float") and value < 0 and key in _NON_NEGATIVE:
+            raise PosttrainError(f"'{_dotted(kloc)}' is {value}, must be >= 0", where=at)
+
+
+_NON_NEGATIVE = {
+    "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "warmup_steps", "weight_decay", "max_length", "logging_steps",
+    "save_steps", "eval_steps", "max_grad_norm", "beta",
+}
+
+
+def _check_cross_training(cfg: Config, where: str) -> None:
+    t = cfg.sft.training
+    if t.get("packing") and t.get("packing_strategy") == "wrapped":
+        raise PosttrainError(
+            "sft.training.packing_strategy 'wrapped' cuts samples mid-sequence and lets them attend to each other",
+            where=where,
+            fix="use packing_strategy 'bfd' (position-id segmentation)",
+        )
+    for stage in ("sft", "dpo"):
+        tr = getattr(cfg, stage).training
+        if tr.get("bf16") and tr.get("fp16"):
+            raise PosttrainError(f"{stage}.training sets both bf16 and fp16", where=where, fix="choose one")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolved form
+
+
+def to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def stage_output(cfg: Config, stage: str, output: str | None) -> Path:
+    return Path(output) if output else Path(cfg.output_dir) / stage
+
+
+def device_training_defaults(has_cuda: bool, bf16_supported: bool) -> dict:
+    """Trainer settings that depend on the device, so users never meet TRL's CPU quirks.
+
+    TRL's configs default to bf16=True, which fails or crawls on CPUs; on CPU we turn it off and
+    set use_cpu. On CUDA, bf16 where the GPU has it.
+    """
+    if not has_cuda:
+        return {"use_cpu": True, "bf16": False, "fp16": False, "dataloader_pin_memory": False}
+    return {"bf16": bf16_supported, "fp16": False}

@@ -1,0 +1,118 @@
+"""Lineage manifests (`posttrain.json`): what a stage directory is and what it came from.
+
+The manifest is written last and atomically (write to a temp file, fsync, rename): a directory
+without it is not a finished stage, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
+MANIFEST = "posttrain.json"
+PACKAGES = ("posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers")
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the posttrain checkout (None when installed from a wheel or not in git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write(directory: str | Path, data: dict) -> Path:
+    """Write the manifest atomically; this marks the directory as a finished stage."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    tmp = directory / f".{MANIFEST}.tmp"
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PosttrainError(f"'{path}' is not valid JSON", fix="re-run the stage that made it") from None
+
+
+def is_finished(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def directory_hash(directory: str | Path) -> str:
+    """Hash of a model directory's small identifying files (configs, not weights)."""
+    h = hashlib.sha256()
+    d = Path(directory)
+    for name in ("config.json", "adapter_config.json", "tokenizer_config.json", MANIFEST):
+        p = d / name
+        if p.is_file():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_output(directory: str | Path, *, overwrite: bool) -> Path:
+    """Make the stage directory ready; never lets an unfinished one look finished.
+
+    A finished directory is kept unless --overwrite. The old manifest goes first, so a crash
+    mid-run leaves a directory that is visibly unfinished (checkpoints stay for --resume).
+    """
+    d = Path(directory)
+    if is_finished(d) and not overwrite:
+        raise PosttrainError(
+            f"'{d}' already holds a finished stage",
+            fix="pass --overwrite to replace it, or choose another --output",
+        )
+    if d.exists() and not d.is_dir():
+        raise PosttrainError(f"output '{d}' exists and is not a directory")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PosttrainError(f"cannot create output directory '{d}': {e.strerror}") from None
+    if not os.access(d, os.W_OK):
+        raise PosttrainError(f"output directory '{d}' is not writable", fix="choose another --output")
+    (d / MANIFEST).unlink(missing_ok=True)
+    return d

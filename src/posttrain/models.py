@@ -1,0 +1,255 @@
+"""Loading tokenizers and models: the chat template and special tokens, the pad token, full /
+LoRA / QLoRA models, and the checks that belong to loading (safeguards #3, #10, #15, #19).
+
+Heavy imports stay inside the functions so that `posttrain --help` and `validate` stay instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain import templates
+from posttrain.config import Config, LoraConfig
+from posttrain.errors import PosttrainError
+
+log = logging.getLogger("posttrain")
+
+
+@dataclass
+class TokenizerInfo:
+    tokenizer: object
+    template: str
+    eot_id: int
+    added_tokens: list[str]  # special tokens posttrain added (the vocabulary grew)
+    template_hash: str
+
+
+def _check_source(source: str, what: str) -> None:
+    """Fail early on a local path that does not exist (instead of a Hub 404 deep in transformers)."""
+    p = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1
+    if looks_local and not p.expanduser().exists():
+        raise PosttrainError(f"{what} path '{source}' does not exist", fix="check model.name_or_path or --base")
+    if p.is_dir() and not (p / "config.json").exists() and not (p / "tokenizer_config.json").exists() \
+            and not (p / "adapter_config.json").exists():
+        raise PosttrainError(
+            f"{what} directory '{source}' holds no model (no config.json)",
+            fix="point to a model directory or a finished stage directory",
+        )
+
+
+def _hub_error(source: str, e: Exception) -> PosttrainError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return PosttrainError(
+        f"could not load '{source}': {first}",
+        fix="if it is a Hub id and this machine is offline, download it where there is network and "
+        "set model.name_or_path to the local directory",
+    )
+
+
+def load_tokenizer(cfg: Config, source: str | None = None, *, need_masks: bool = True) -> TokenizerInfo:
+    """Load the tokenizer, install the chat template, check its tokens, and fix the pad token."""
+    from transformers import AutoTokenizer
+
+    source = source or cfg.model.tokenizer or cfg.model.name_or_path
+    _check_source(source, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+
+    template = templates.resolve(cfg.template.name, tok.chat_template)
+    added = _ensure_tokens(tok, templates.required_tokens(template), cfg.template.add_special_tokens)
+    if need_masks and not templates.has_generation_markers(template):
+        template = _training_template(tok, template)
+    tok.chat_template = template
+    eot_id = templates.end_of_turn_id(tok, template)
+    _set_pad(tok, cfg.model.pad_token, eot_id)
+    return TokenizerInfo(tok, template, eot_id, added, templates.template_hash(tok, template))
+
+
+def _ensure_tokens(tok, required: list[str], may_add: bool) -> list[str]:
+    vocab = tok.get_vocab()
+    missing = [t for t in required if t not in vocab]
+    if missing and not may_add:
+        raise PosttrainError(
+            f"the tokenizer has no token for {', '.join(missing)}, which the chat template needs",
+            fix="set template.add_special_tokens: true (grows the vocabulary; embeddings get trained) "
+            "or use a template made of the tokenizer's own tokens (template.name: tokenizer)",
+        )
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        log.warning("added %d special tokens to the tokenizer: %s", len(missing), ", ".join(missing))
+    return missing
+
+
+def _training_template(tok, template: str) -> str:
+    """A template without {% generation %} markers can't give assistant-only masks: try TRL's patch."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    tok.chat_template = template
+    try:
+        patched = get_training_chat_template(tok)
+    except ValueError:
+        patched = None
+    if not patched:
+        raise PosttrainError(
+            "the chat template has no {% generation %} markers, so assistant-only loss cannot be masked",
+            fix="use template.name: chatml, add the markers to your .jinja file, or set "
+            "sft.assistant_only_loss: false",
+        )
+    return patched
+
+
+def _set_pad(tok, configured: str | None, eot_id: int) -> None:
+    """Safeguard #3: the pad token must not be eos or the end-of-turn token (it masks them out)."""
+    forbidden = {tok.eos_token_id, eot_id}
+    if configured is not None:
+        if configured not in tok.get_vocab():
+            raise PosttrainError(f"model.pad_token '{configured}' is not in the tokenizer's vocabulary")
+        if tok.convert_tokens_to_ids(configured) in forbidden:
+            raise PosttrainError(
+                f"model.pad_token '{configured}' is the eos or end-of-turn token; padding would mask it "
+                "out of the labels and the model would never learn to stop",
+                fix="choose a distinct pad token (or leave model.pad_token unset to let posttrain pick one)",
+            )
+        tok.pad_token = configured
+        return
+    if tok.pad_token_id is not None and tok.pad_token_id not in forbidden:
+        return
+    used = {tok.bos_token_id, tok.unk_token_id, *forbidden}
+    in_template = set(tok.convert_tokens_to_ids(templates.required_tokens(tok.chat_template or "")))
+    for tid, added in sorted(tok.added_tokens_decoder.items()):
+        if added.special and tid not in used and tid not in in_template:
+            log.info("pad token: using %r (id %d); the tokenizer's pad was %r", added.content, tid, tok.pad_token)
+            tok.pad_token = added.content
+            return
+    raise PosttrainError(
+        f"the tokenizer's pad token is {tok.pad_token!r}, the same as eos/end-of-turn, and it has no spare "
+        "special token to pad with",
+        fix="set model.pad_token to a token distinct from eos",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
+    """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_source(source, "model")
+    dtype = torch_dtype(cfg.model.dtype)
+    kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if method == "qlora":
+        kwargs["quantization_config"] = _bnb_config(dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
+
+    grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if grew:  # safeguard #15: new tokens need new (trained, saved) embedding rows
+        model.resize_token_embeddings(len(tok.tokenizer))
+    _sync_special_ids(model, tok)
+    if method == "qlora":
+        disable_bnb_cpu_repack(model)
+    if method == "full":
+        return model
+    return apply_lora(model, lora, quantized=method == "qlora", train_embeddings=grew)
+
+
+def _sync_special_ids(model, tok: TokenizerInfo) -> None:
+    """Model and generation config agree with the tokenizer; generation stops at end-of-turn (#16)."""
+    t = tok.tokenizer
+    model.config.pad_token_id = t.pad_token_id
+    gc = model.generation_config
+    gc.pad_token_id = t.pad_token_id
+    eos = [tok.eot_id] + [i for i in [t.eos_token_id] if i is not None and i != tok.eot_id]
+    gc.eos_token_id = eos if len(eos) > 1 else eos[0]
+
+
+def _bnb_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # safeguard #22: sharding needs storage == compute dtype
+    )
+
+
+def disable_bnb_cpu_repack(model) -> int:
+    """Guard against the bitsandbytes 0.50 CPU repack bug.
+
+    On CPUs with AVX512-BF16, the first eval-mode, no-grad forward through a `Linear4bit` repacks
+    its weights into a CPU-only layout (`support_avx512bf16_for_cpu`); backward passes through the
+    repacked layer afterwards give wrong gradients, silently. Evaluation during QLoRA training
+    (eval_on_start, periodic eval) triggers it. Turning the flag off keeps the training layout.
+    Returns how many layers were guarded.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bool):
+    """Wrap `model` with a LoRA adapter; every target pattern must match a module (#19)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    names = [n for n, _ in model.named_modules()]
+    if lora.target_modules != "all-linear":
+        unmatched = [p for p in lora.target_modules if not any(n == p or n.endswith("." + p) for n in names)]
+        if unmatched:
+            raise PosttrainError(
+                f"lora.target_modules {unmatched} match no module of the model",
+                fix=f"module names here end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names if n})[:12]}",
+            )
+    to_save = list(lora.modules_to_save)
+    if train_embeddings:
+        to_save += [m for m in ("embed_tokens", "lm_head") if m not in to_save]
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
