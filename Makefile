@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
-DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test test-fast clean clean-demo
 
@@ -38,10 +37,10 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	bash scripts/demo.sh $(DEMO_DIR)
+	bash scripts/demo.sh
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf runs/demo
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -106,3 +106,59 @@ def score(prompt: str, response: str) -> dict[str, float]:
     exact = float(bool(numbers) and int(numbers[-1]) == a + b)
     m = CONCISE.match(response)
     return {"exact": exact, "concise": float(bool(m) and (int(m[1]), int(m[2])) == (a, b))}
+
+
+def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_size: int = 64) -> dict[str, float]:
+    """Greedy answers of the model in `model_dir` to the first `n` held-out prompts, scored.
+
+    Returns mean exact match, mean concise-style share, and the share of answers that ended with
+    the end-of-turn token (a model that never stops is broken however right its digits are).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines()[:n]]
+    prompts = [r["messages"][0]["content"] for r in rows]
+    totals = {"exact": 0.0, "concise": 0.0, "ended": 0.0}
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=eot,
+                                 pad_token_id=tok.pad_token_id)
+        for p, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
+            ids = ids.tolist()
+            ended = eot in ids
+            text = tok.decode(ids[: ids.index(eot)] if ended else ids, skip_special_tokens=True)
+            s = score(p, text)
+            totals["exact"] += s["exact"]
+            totals["concise"] += s["concise"]
+            totals["ended"] += float(ended)
+    return {k: round(v / len(prompts), 4) for k, v in totals.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m posttrain.demo EVAL_FILE MODEL_DIR...`: a before/after table for the demo."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m posttrain.demo", description=main.__doc__)
+    parser.add_argument("eval_file")
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("-n", type=int, default=200)
+    args = parser.parse_args(argv)
+    print(f"held-out prompts: {args.n} (pairs no stage trained on); greedy decoding")
+    print(f"{'model':<28} {'exact match':>12} {'concise style':>14} {'ended turn':>11}")
+    for m in args.models:
+        r = evaluate(m, args.eval_file, args.n)
+        print(f"{m:<28} {r['exact']:>12.1%} {r['concise']:>14.1%} {r['ended']:>11.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random-init Llama model + tokenizer and small demo data, built offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer, 32-wide Llama model and its BPE tokenizer, saved like a Hub model."""
+    from posttrain import demo, tiny
+
+    d = tmp_path_factory.mktemp("tiny")
+    tiny.init_tiny(d, demo.corpus(), hidden=32, layers=2, heads=4, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """Small slices of the demo task: sft train/eval (messages) and preference pairs."""
+    from posttrain import demo
+
+    d = tmp_path_factory.mktemp("data")
+    rows = demo.make_rows(seed=0)
+    sizes = {"sft_train": 256, "sft_eval": 32, "pref_train": 64, "pref_eval": 16}
+    for name, n in sizes.items():
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[name][:n]))
+    return d
+
+
+@pytest.fixture
+def make_config(tiny_dir, demo_data, tmp_path):
+    """Build a validated Config for the tiny model; `overrides` are dotted keys."""
+    from posttrain.config import validate_dict
+
+    def build(**sections):
+        raw = {
+            "model": {"name_or_path": str(tiny_dir)},
+            "data": {
+                "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
+                        "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
+                "preference": {"kind": "preference", "train": [{"path": str(demo_data / "pref_train.jsonl")}]},
+            },
+            "output_dir": str(tmp_path / "out"),
+            "seed": 0,
+            "sft": {"training": {"max_steps": 30, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
+                                 "logging_steps": 5, "save_steps": 1000, "max_length": 64,
+                                 "gradient_checkpointing": False}},
+        }
+        for key, value in sections.items():
+            node = raw
+            *parents, last = key.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        return validate_dict(raw)
+
+    return build
+
+
+def read_losses(stage_dir) -> dict[int, float]:
+    """Training losses by step from a stage's metrics.jsonl."""
+    out = {}
+    for line in (stage_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
