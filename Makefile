@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test test-fast clean clean-demo
+.PHONY: install demo test clean clean-demo
 
 install: $(STAMP)
 

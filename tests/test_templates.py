@@ -327,7 +327,7 @@ def test_end_of_turn_id_chatml(tok):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_model_dir(tmp_path_factory):
     return tiny.init_tiny(tmp_path_factory.mktemp("tiny"), demo.corpus())
 
 
@@ -338,8 +338,8 @@ def cfg_for(path, model_extra=None, template=None):
     return validate_dict(raw)
 
 
-def test_load_tokenizer_default(tiny_dir):
-    info = models.load_tokenizer(cfg_for(tiny_dir))
+def test_load_tokenizer_default(tiny_model_dir):
+    info = models.load_tokenizer(cfg_for(tiny_model_dir))
     t = info.tokenizer
     assert info.template == CHATML
     assert t.chat_template == CHATML
@@ -349,45 +349,45 @@ def test_load_tokenizer_default(tiny_dir):
     assert len(info.template_hash) == 16
 
 
-def test_load_tokenizer_template_from_tokenizer(tiny_dir):
-    info = models.load_tokenizer(cfg_for(tiny_dir, template={"name": "tokenizer"}))
+def test_load_tokenizer_template_from_tokenizer(tiny_model_dir):
+    info = models.load_tokenizer(cfg_for(tiny_model_dir, template={"name": "tokenizer"}))
     assert info.template == CHATML
 
 
 @pytest.mark.parametrize("pad", ["<|im_end|>", "<|endoftext|>"])
-def test_pad_equal_to_eos_or_eot_is_rejected(tiny_dir, pad):
+def test_pad_equal_to_eos_or_eot_is_rejected(tiny_model_dir, pad):
     with pytest.raises(PosttrainError) as info:
-        models.load_tokenizer(cfg_for(tiny_dir, {"pad_token": pad}))
+        models.load_tokenizer(cfg_for(tiny_model_dir, {"pad_token": pad}))
     line = info.value.line()
     assert "pad" in line
     assert pad in line
 
 
-def test_pad_not_in_vocab_is_rejected(tiny_dir):
+def test_pad_not_in_vocab_is_rejected(tiny_model_dir):
     with pytest.raises(PosttrainError) as info:
-        models.load_tokenizer(cfg_for(tiny_dir, {"pad_token": "<|nope|>"}))
+        models.load_tokenizer(cfg_for(tiny_model_dir, {"pad_token": "<|nope|>"}))
     assert "model.pad_token '<|nope|>'" in info.value.line()
 
 
-def test_configured_distinct_pad_is_used(tiny_dir):
-    info = models.load_tokenizer(cfg_for(tiny_dir, {"pad_token": "<|im_start|>"}))
+def test_configured_distinct_pad_is_used(tiny_model_dir):
+    info = models.load_tokenizer(cfg_for(tiny_model_dir, {"pad_token": "<|im_start|>"}))
     assert info.tokenizer.pad_token == "<|im_start|>"
 
 
-def test_template_file_with_missing_tokens_is_rejected(tiny_dir, tmp_path):
+def test_template_file_with_missing_tokens_is_rejected(tiny_model_dir, tmp_path):
     p = tmp_path / "llama3.jinja"
     p.write_text(LLAMA3_LIKE, encoding="utf-8")
     with pytest.raises(PosttrainError) as info:
-        models.load_tokenizer(cfg_for(tiny_dir, template={"name": str(p)}))
+        models.load_tokenizer(cfg_for(tiny_model_dir, template={"name": str(p)}))
     line = info.value.line()
     assert "<|start_header_id|>" in line
     assert "add_special_tokens" in line
 
 
-def test_template_file_tokens_added_when_allowed(tiny_dir, tmp_path):
+def test_template_file_tokens_added_when_allowed(tiny_model_dir, tmp_path):
     p = tmp_path / "llama3.jinja"
     p.write_text(LLAMA3_LIKE, encoding="utf-8")
-    info = models.load_tokenizer(cfg_for(tiny_dir, template={"name": str(p), "add_special_tokens": True}))
+    info = models.load_tokenizer(cfg_for(tiny_model_dir, template={"name": str(p), "add_special_tokens": True}))
     t = info.tokenizer
     assert info.added_tokens == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     vocab = t.get_vocab()
@@ -407,10 +407,10 @@ def test_template_file_tokens_added_when_allowed(tiny_dir, tmp_path):
     assert check_rendered(r, t, info.eot_id, where="w") is None
 
 
-def test_pad_equal_to_eos_gets_a_distinct_pad(tiny_dir, tmp_path):
+def test_pad_equal_to_eos_gets_a_distinct_pad(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(str(tiny_dir))
+    t = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     t.pad_token = t.eos_token
     assert t.pad_token_id == t.eos_token_id
     out = tmp_path / "pad_is_eos"

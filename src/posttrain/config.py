@@ -29,8 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from posttrain.errors import PosttrainError, did_you_mean
 
 STAGES = ("format", "sft", "reward", "ppo", "dpo", "merge", "eval")
-# Stages whose command exists in this release; the rest are planned (see README).
-IMPLEMENTED_STAGES = ("format", "sft")
 TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "dpo": "DPOConfig"}
 # Trainer fields that posttrain sets itself; setting them under `training:` would be ignored.
 OWNED_TRAINING_FIELDS = {
@@ -159,6 +157,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        unknown = [n for n in self.format.datasets or [] if n not in self.data]
+        if unknown:
+            raise ValueError(f"format.datasets names {unknown}, which are not under data:")
         for stage, want in (("sft", "sft"), ("dpo", "preference")):
             section = getattr(self, stage)
             if stage not in self.stages and section.data not in self.data:
@@ -264,10 +265,29 @@ def _apply_override(raw: dict, item: str, lines: dict) -> None:
     lines[tuple(parts)] = f"--set {item}"
     node = raw
     for k in parts[:-1]:
-        if not isinstance(node.get(k), dict):
-            node[k] = {}
-        node = node[k]
-    node[parts[-1]] = parsed
+        if isinstance(node, list):
+            node = _list_item(node, k, item)
+        else:
+            if not isinstance(node.get(k), (dict, list)):
+                node[k] = {}
+            node = node[k]
+    if isinstance(node, list):
+        node[_index(node, parts[-1], item)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _index(items: list, k: str, item: str) -> int:
+    if not k.isdigit() or int(k) >= len(items):
+        raise PosttrainError(f"--set '{item}': '{k}' is not an index of a list of {len(items)}")
+    return int(k)
+
+
+def _list_item(items: list, k: str, item: str):
+    found = items[_index(items, k, item)]
+    if not isinstance(found, dict):
+        raise PosttrainError(f"--set '{item}': item {k} is not a mapping")
+    return found
 
 
 def _line_map(node, path: tuple, out: dict) -> None:

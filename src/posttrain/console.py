@@ -10,8 +10,8 @@ console = Console(stderr=True, highlight=False)
 
 def summary(title: str, rows: dict[str, object]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for k, v in rows.items():
         table.add_row(k, fmt(v))
     console.print(table)

@@ -58,6 +58,8 @@ def load_source(src: SourceConfig):
 
     datasets.disable_progress_bars()
     path = Path(src.path).expanduser()
+    if path.is_file() and not path.read_bytes()[:65536].strip():
+        raise PosttrainError(f"dataset '{src.path}' is empty", fix="point data.*.path at a file with rows")
     try:
         if path.is_file():
             fmt = LOCAL_FORMATS.get(path.suffix.lower())
@@ -211,6 +213,8 @@ def _messages(value, roles: dict, column: str, role_key: str, content_key: str) 
 
 
 def _role(raw, roles: dict, where: str) -> str:
+    if not isinstance(raw, str):
+        raise RowError(f"'{where}' has a role of type {type(raw).__name__}, expected text")
     role = roles.get(raw, DEFAULT_ROLE_MAP.get(raw))
     if role not in ROLES:
         raise RowError(f"'{where}' has role {raw!r}; map it with roles: {{{raw}: user|assistant|system}}")
@@ -238,8 +242,8 @@ def _preference(row: dict, roles: dict, system: str | None) -> dict:
         prompt, chosen, rejected = _split_implicit(chosen, rejected, roles)
     else:
         prompt = _turns(prompt, roles, "prompt", "user")
-        chosen = _turns(chosen, roles, "chosen", "assistant")
-        rejected = _turns(rejected, roles, "rejected", "assistant")
+        chosen = _strip_prompt(_turns(chosen, roles, "chosen", "assistant"), prompt)
+        rejected = _strip_prompt(_turns(rejected, roles, "rejected", "assistant"), prompt)
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         if not side or side[-1]["role"] != "assistant" or not side[-1]["content"].strip():
             raise RowError(f"'{name}' does not end with an assistant answer")
@@ -248,6 +252,15 @@ def _preference(row: dict, roles: dict, system: str | None) -> dict:
     if not prompt:
         raise RowError("empty prompt")
     return {"prompt": _with_system(prompt, system), "chosen": chosen, "rejected": rejected}
+
+
+def _strip_prompt(side: list[dict], prompt: list[dict]) -> list[dict]:
+    """Some datasets (ultrafeedback_binarized) repeat the prompt inside chosen/rejected; drop it."""
+    if len(side) > len(prompt) and side[: len(prompt)] == prompt:
+        return side[len(prompt):]
+    if len(side) > 1 and side[0]["role"] == "user" and side[0]["content"] == prompt[-1]["content"]:
+        return side[1:]
+    return side
 
 
 def _split_implicit(chosen, rejected, roles: dict) -> tuple[list, list, list]:

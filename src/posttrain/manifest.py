@@ -94,20 +94,33 @@ def directory_hash(directory: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_output(directory: str | Path, *, overwrite: bool) -> Path:
+STAGE_MARKERS = (MANIFEST, "checkpoints", "metrics.jsonl", "config.resolved.yaml")
+
+
+def prepare_output(directory: str | Path, *, overwrite: bool, resume: bool = False) -> Path:
     """Make the stage directory ready; never lets an unfinished one look finished.
 
-    A finished directory is kept unless --overwrite. The old manifest goes first, so a crash
-    mid-run leaves a directory that is visibly unfinished (checkpoints stay for --resume).
+    A finished directory is kept unless --overwrite. With --resume only the manifest goes (the
+    checkpoints stay); otherwise an earlier stage directory is cleared, so no stale file of an
+    older run survives. A non-empty directory that is not a posttrain stage is never touched.
     """
     d = Path(directory)
-    if is_finished(d) and not overwrite:
+    if is_finished(d) and not overwrite and not resume:
         raise PosttrainError(
             f"'{d}' already holds a finished stage",
             fix="pass --overwrite to replace it, or choose another --output",
         )
     if d.exists() and not d.is_dir():
         raise PosttrainError(f"output '{d}' exists and is not a directory")
+    if d.is_dir() and not resume and any(d.iterdir()):
+        if not any((d / m).exists() for m in STAGE_MARKERS):
+            raise PosttrainError(
+                f"output directory '{d}' is not empty and holds no posttrain stage",
+                fix="choose an empty or new directory with --output",
+            )
+        import shutil
+
+        shutil.rmtree(d)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -22,9 +22,6 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
     names = cfg.format.datasets or list(cfg.data)
     if not names:
         raise PosttrainError("there is nothing to format: the config has no data: section")
-    unknown = [n for n in names if n not in cfg.data]
-    if unknown:
-        raise PosttrainError(f"format.datasets names {unknown}, which are not under data:")
 
     tok = models.load_tokenizer(cfg)
     formatted = {name: format_and_check(cfg, name, tok) for name in names}
@@ -66,6 +63,7 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
             "trained share by role": ", ".join(f"{k} {v['trained_share']:.0%}" for k, v in roles.items()),
             "output": str(out / name),
         })
+    console.print(f"finished: {out}", soft_wrap=True)
     return out
 
 

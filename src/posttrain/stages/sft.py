@@ -33,8 +33,12 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     last_checkpoint = _last_checkpoint(out) if resume else None
     if resume and last_checkpoint is None:
         raise PosttrainError(f"--resume: no checkpoint in '{out / CHECKPOINTS}'", fix="run without --resume")
-    if not resume and manifest.is_finished(out) and not overwrite:
-        manifest.prepare_output(out, overwrite=False)  # raises the "already finished" error
+    if Path(source).resolve() == out.resolve():
+        raise PosttrainError(f"the output '{out}' is the base model's own directory",
+                             fix="pass --output to write the new stage elsewhere")
+    if manifest.is_finished(out) and not overwrite:
+        raise PosttrainError(f"'{out}' already holds a finished stage",
+                             fix="pass --overwrite to replace it, or choose another --output")
 
     # 2. tokenizer, template and data, all checked before the model is loaded
     tok = models.load_tokenizer(cfg, source, need_masks=sc.assistant_only_loss)
@@ -46,9 +50,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     from posttrain.callbacks import MetricsJsonl, TrainingGuard
 
-    manifest.prepare_output(out, overwrite=True)  # removes a stale manifest; checkpoints stay
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if trainer_is_main():
+        manifest.prepare_output(out, overwrite=True, resume=resume)
     model = models.load_causal_lm(cfg, source, sc.method, sc.lora, tok)
     trainable, total = models.trainable_parameters(model)
     args = SFTConfig(**trainer_kwargs(cfg, out, has_eval=eval_ds is not None))
@@ -67,8 +70,10 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
-    # 5. save, re-open, check, then the manifest
+    # 5. save, re-open, check, then the manifest (main process only; save_model syncs the ranks)
     trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return out
     tok.tokenizer.save_pretrained(str(out))
     trainer.model.generation_config.save_pretrained(str(out))
     (out / "config.resolved.yaml").write_text(config_mod.dump_yaml(cfg))
@@ -122,6 +127,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "peak memory": f"{metrics['peak_memory_mb']:.0f} MB",
         "output": str(out),
     })
+    console.print(f"finished: {out}", soft_wrap=True)
     return out
 
 
@@ -170,8 +176,7 @@ def _data(cfg: Config, tok: models.TokenizerInfo):
     name = cfg.sft.data
     fmt_dir = Path(cfg.output_dir) / "format"
     m = manifest.read(fmt_dir) if manifest.is_finished(fmt_dir) else None
-    if m and name in m.get("datasets", {}) and m["config"]["data"].get(name) == cfg.data[name].model_dump(mode="json") \
-            and m.get("template_hash") == tok.template_hash:
+    if m and _format_matches(m, cfg, name, tok):
         train, ev = format_stage.load_formatted(fmt_dir, name)
         console.print(f"data.{name}: using the formatted data in {fmt_dir}")
         return train, ev, {"name": name, "format_dir": str(fmt_dir), "format_hash": manifest.directory_hash(fmt_dir),
@@ -179,6 +184,20 @@ def _data(cfg: Config, tok: models.TokenizerInfo):
     f, stats = format_stage.format_and_check(cfg, name, tok)
     return f.train, f.eval, {"name": name, "files": f.files, "rows": len(f.train), "dropped": len(f.dropped),
                              "checks": stats}
+
+
+def _format_matches(m: dict, cfg: Config, name: str, tok: models.TokenizerInfo) -> bool:
+    """The format stage's output is this config's data: same sources, template and file contents."""
+    from posttrain.data import file_hash
+
+    if name not in m.get("datasets", {}) or m.get("template_hash") != tok.template_hash:
+        return False
+    if m["config"]["data"].get(name) != cfg.data[name].model_dump(mode="json"):
+        return False
+    if m["config"].get("template") != cfg.template.model_dump(mode="json"):
+        return False
+    recorded = m["datasets"][name]["files"]
+    return all(Path(p).is_file() and file_hash(p) == h for p, h in recorded.items())
 
 
 def _check_labels(train_dataset) -> None:
@@ -232,3 +251,10 @@ def _base_record(source: str) -> dict:
 
 def _last(history: list[dict], key: str):
     return next((h[key] for h in reversed(history) if key in h), None)
+
+
+def trainer_is_main() -> bool:
+    """True on the main process (or when not distributed): only it writes stage files."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

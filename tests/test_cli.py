@@ -1,0 +1,148 @@
+"""The real `posttrain` entry point: help is instant, stages run, and bad input exits 2 with one
+line, no traceback, and no finished-looking output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain import manifest
+
+BIN = Path(sys.executable).with_name("posttrain")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT,
+                          env=env, timeout=600)
+
+
+def write_config(tmp_path, tiny_dir, demo_data, **changes) -> Path:
+    raw = {
+        "model": {"name_or_path": str(tiny_dir)},
+        "data": {"sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
+                         "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]}},
+        "output_dir": str(tmp_path / "out"),
+        "sft": {"training": {"max_steps": 4, "per_device_train_batch_size": 8, "max_length": 64,
+                             "gradient_checkpointing": False, "logging_steps": 1}},
+    }
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_help_is_instant_and_lists_only_working_commands():
+    r = cli("--help")
+    assert r.returncode == 0
+    for cmd in ("validate", "format", "sft", "preview", "init-tiny"):
+        assert cmd in r.stdout
+    for planned in ("reward", "ppo", "dpo", "merge"):
+        assert f"  {planned} " not in r.stdout
+    code = "import sys, posttrain.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_validate_ok_and_bad(tmp_path, tiny_dir, demo_data):
+    good = write_config(tmp_path, tiny_dir, demo_data)
+    r = cli("validate", good)
+    assert r.returncode == 0 and r.stdout.startswith("ok:")
+    r = cli("validate", good, "--set", "sft.training.learnig_rate=0.1")
+    assert_clean_error(r, "learnig_rate", "did you mean 'learning_rate'")
+
+
+def test_format_sft_and_preview_through_the_cli(tmp_path, tiny_dir, demo_data):
+    cfg = write_config(tmp_path, tiny_dir, demo_data)
+    r = cli("format", cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fmt = manifest.read(tmp_path / "out" / "format")
+    assert fmt["datasets"]["sft"]["train_rows"] == 256 and fmt["datasets"]["sft"]["eval_rows"] == 32
+    assert fmt["datasets"]["sft"]["checks"]["roles"]["user"]["trained"] == 0
+
+    r = cli("sft", cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out" / "sft"
+    m = manifest.read(out)
+    assert m["data"]["format_dir"] == str(tmp_path / "out" / "format")  # reused the format stage
+    assert "held-out loss" in r.stderr and f"finished: {out}" in r.stderr
+
+    r = cli("sft", cfg)  # finished: refuse
+    assert_clean_error(r, "already holds a finished stage", "--overwrite")
+    assert manifest.is_finished(out)
+
+    r = cli("preview", cfg, "-n", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "assistant" in r.stderr and "trained share" in r.stderr
+
+
+def test_init_tiny(tmp_path):
+    r = cli("init-tiny", tmp_path / "m", "--data-dir", tmp_path / "d", "--hidden", "32", "--layers", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["hidden_size"] == 32
+    assert (tmp_path / "d" / "sft_train.jsonl").exists()
+
+
+def _bad_inputs(tmp_path, tiny_dir, demo_data):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"question": "q", "answer": "a"}\n')
+    jinja = tmp_path / "llama3.jinja"
+    jinja.write_text("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                     "{% generation %}{{ m['content'] }}<|eot_id|>{% endgeneration %}{% endfor %}")
+    src = lambda p: [{"path": str(p)}]  # noqa: E731
+    return {
+        "unknown key": ({"sft__training__learnig_rate": 0.1}, ["did you mean 'learning_rate'"]),
+        "wrong type": ({"sft__lora": {"r": "eight"}}, ["sft.lora.r"]),
+        "missing data file": ({"data__sft__train": src(tmp_path / "nope.jsonl")}, ["does not exist"]),
+        "empty dataset": ({"data__sft__train": src(empty)}, ["empty"]),
+        "missing column": ({"data__sft__train": src(nocol)}, ["cannot tell the shape", "columns"]),
+        "pad == eos": ({"model__pad_token": "<|endoftext|>"}, ["pad_token", "eos"]),
+        "pad == end of turn": ({"model__pad_token": "<|im_end|>"}, ["pad_token"]),
+        "template lacks tokens": ({"template__name": str(jinja)}, ["<|start_header_id|>", "add_special_tokens"]),
+        "non-existent base": ({"model__name_or_path": str(tmp_path / "no-model")}, ["does not exist"]),
+        "column mapping names a missing column": (
+            {"data__sft__train": [{"path": str(nocol), "columns": {"prompt_text": "prompt"}}]}, ["columns"]),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "unknown key", "wrong type", "missing data file", "empty dataset", "missing column", "pad == eos",
+    "pad == end of turn", "template lacks tokens", "non-existent base", "column mapping names a missing column",
+])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_dir, demo_data):
+    changes, needles = _bad_inputs(tmp_path, tiny_dir, demo_data)[case]
+    cfg = write_config(tmp_path, tiny_dir, demo_data, **changes)
+    r = cli("sft", cfg)
+    assert_clean_error(r, *needles)
+    out = tmp_path / "out" / "sft"
+    assert not manifest.is_finished(out)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_missing_config_file_and_debug_flag(tmp_path):
+    r = cli("sft", tmp_path / "nope.yaml")
+    assert_clean_error(r, "does not exist")
+    r = cli("--debug", "validate", tmp_path / "nope.yaml")
+    assert r.returncode != 0 and "Traceback" in r.stderr
