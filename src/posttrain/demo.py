@@ -116,7 +116,9 @@ def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_s
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
