@@ -318,16 +318,26 @@ def _dotted(loc: tuple) -> str:
 
 
 def _fields_at(loc: tuple) -> list[str]:
-    """Valid keys of the config section at `loc` (for did-you-mean)."""
+    """Valid keys of the config section at `loc` (for did-you-mean).
+
+    List indices and the keys of free-form mappings (dataset names under data:) are not fields.
+    """
+    import typing
+
     model: Any = Config
+    skip_next = False
     for part in loc:
-        if isinstance(part, int) or model is None:
+        if isinstance(part, int) or skip_next:
+            skip_next = False
             continue
         field = model.model_fields.get(part)
         if field is None:
             return []
+        skip_next = typing.get_origin(field.annotation) is dict
         model = _model_of(field.annotation)
-    return list(model.model_fields) if model is not None else []
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
@@ -350,8 +360,7 @@ def _to_error(e: ValidationError, where: str, lines: dict) -> PosttrainError:
     at = _where(where, lines, loc)
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        # data.<name>.* is a free-form mapping: look one level up for the section model
-        valid = _fields_at(loc[:-1]) or _fields_at(tuple(p for p in loc[:-1] if p not in _free_keys(loc)))
+        valid = _fields_at(loc[:-1])
         near = did_you_mean(key, valid)
         fix = f"did you mean '{near}'?" if near else f"valid keys here: {', '.join(valid)}"
         return PosttrainError(f"unknown key '{_dotted(loc)}'{more}", where=at, fix=fix)
@@ -363,11 +372,6 @@ def _to_error(e: ValidationError, where: str, lines: dict) -> PosttrainError:
     shown = repr(got) if not isinstance(got, dict) else "a mapping"
     msg = err["msg"][0].lower() + err["msg"][1:]
     return PosttrainError(f"'{_dotted(loc)}' is {shown}: {msg}{more}", where=at)
-
-
-def _free_keys(loc: tuple) -> set:
-    # Keys of free-form mappings (dataset names under data:) are not fields of any model.
-    return {loc[1]} if len(loc) > 2 and loc[0] == "data" else set()
 
 
 # ---------------------------------------------------------------------------------------------
