@@ -62,7 +62,8 @@ def test_valid_minimal_config_loads(tmp_path):
     assert cfg.data["sft"].kind == "sft"
     assert cfg.data["sft"].train[0].path == "a.jsonl"
     # defaults
-    assert cfg.stages == ["format", "sft"]
+    assert cfg.stages == ["format", "sft", "dpo", "merge"]
+    assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
     assert cfg.template.name == "chatml"
     assert cfg.sft.data == "sft"
     assert cfg.sft.method == "full"
@@ -111,7 +112,8 @@ def test_configs_dir_is_not_empty():
 
 def test_demo_config_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.stages == ["format", "sft"]
+    assert cfg.stages == ["format", "sft", "dpo", "merge"]
+    assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
     assert cfg.sft.training["learning_rate"] == 0.003
     assert cfg.sft.training["lr_scheduler_type"] == "constant_with_warmup"
     assert cfg.dpo.training["beta"] == 0.1

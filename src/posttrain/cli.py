@@ -2,8 +2,8 @@
 `PosttrainError` into one line on stderr and exit code 2 (`--debug` shows the traceback).
 
 Imports of torch, transformers and trl happen inside the commands, so `--help` and `validate`
-stay instant. Planned stages (reward, ppo, dpo, merge, eval, run) arrive with their issues and
-are not listed until they work.
+stay instant. Planned stages (reward, ppo, eval) arrive with their issues and are not listed
+until they work.
 """
 
 from __future__ import annotations
@@ -126,6 +126,52 @@ def sft(config: ConfigArg = None,
     from posttrain.stages import sft as stage
 
     stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def dpo(config: ConfigArg = None,
+        base: Annotated[str | None, typer.Option(
+            "--base", help="Start from this finished stage (SFT output, merged or adapter) or model.")] = None,
+        output: OutputOpt = None, set_: SetOpt = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+        overwrite: OverwriteOpt = False) -> None:
+    """Preference alignment (DPO and its variants) with TRL's DPOTrainer."""
+    cfg = _load(config, set_, base)
+    _quiet_libraries()
+    from posttrain.stages import dpo as stage
+
+    stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def merge(config: ConfigArg = None,
+          base: Annotated[str | None, typer.Option(
+              "--base", help="The finished stage holding the LoRA adapter to merge.")] = None,
+          output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Merge a LoRA adapter into its base (full precision) and check the result against the adapter."""
+    cfg = _load(config, set_, base)
+    _quiet_libraries()
+    from posttrain.stages import merge as stage
+
+    stage.run(cfg, base=base, output=output, overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def run(config: Annotated[Path, typer.Argument(help="YAML config holding the chain (stages:).")],
+        set_: SetOpt = None,
+        from_: Annotated[str | None, typer.Option("--from", help="Rerun from this stage on.")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Validate the chain and show each stage's settings and a rendered sample.")] = False,
+        ) -> None:
+    """Run the chain in stages: (format → sft → dpo → merge), skipping stages that are up to date."""
+    cfg = _load(config, set_)
+    _quiet_libraries()
+    from posttrain import chain
+
+    chain.run(cfg, from_stage=from_, dry_run=dry_run)
 
 
 @app.command()

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from posttrain.errors import PosttrainError, did_you_mean
 
 STAGES = ("format", "sft", "reward", "ppo", "dpo", "merge", "eval")
+AVAILABLE_STAGES = ("format", "sft", "dpo", "merge")
+MODEL_STAGES = ("sft", "dpo")  # training stages whose output the next stage starts from (reward/ppo: later issues)
 TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "dpo": "DPOConfig"}
 # Trainer fields that posttrain sets itself; setting them under `training:` would be ignored.
 OWNED_TRAINING_FIELDS = {
@@ -38,6 +40,7 @@ OWNED_TRAINING_FIELDS = {
     "model_init_kwargs": "set model.dtype / model.attn_implementation",
     "pad_token": "set model.pad_token",
     "resume_from_checkpoint": "pass --resume on the command line",
+    "precompute_ref_log_probs": "set dpo.reference: precomputed",
 }
 
 
@@ -129,9 +132,42 @@ class SFTStageConfig(StageConfig):
 class DPOStageConfig(StageConfig):
     data: str = Field("preference", description="Name of the dataset under data:.")
     reference: Literal["copy", "adapter_disabled", "precomputed"] = Field(
-        "copy", description="Reference model: frozen copy of the start model, the policy with its adapter "
-        "disabled, or reference log-probs precomputed once."
+        "copy", description="Reference model: a frozen copy of the starting model; the starting model with "
+        "the new LoRA adapter disabled (method lora/qlora on a full base); or reference log-probs computed "
+        "once before training, so no reference model stays in memory."
     )
+    allow_template_mismatch: bool = Field(
+        False, description="Train although the starting model's recorded chat template or special tokens "
+        "differ from this config's (normally an error)."
+    )
+    step0_tolerance: float = Field(
+        0.02, gt=0.0, description="Largest mean |log-ratio| policy vs reference (nats per sequence) "
+        "accepted at step 0; above it the reference is not the starting model."
+    )
+    collapse_loss: float = Field(
+        0.01, ge=0.0, description="Stop when the DPO loss falls below this within the first steps "
+        "(the reference is not what the policy started from, or the data is trivial)."
+    )
+
+
+class MergeStageConfig(Strict):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the merged weights; auto = the dtype of the base's config (fp32 if unknown)."
+    )
+    nf4_round_trip: bool = Field(
+        False, description="For QLoRA adapters: pass the base through nf4 quantize→dequantize before merging, "
+        "so the merge matches the weights the adapter was trained against (the merged model then carries the "
+        "quantization error of every layer)."
+    )
+    tolerance: float = Field(
+        1e-3, gt=0.0, description="Largest max |Δlogit| accepted between merged model and base+adapter on the "
+        "probe prompts (scaled by the logits' magnitude for half precision)."
+    )
+    probe_prompts: list[str] = Field(
+        default_factory=lambda: ["What is 12 + 34?", "Write one sentence about the sea.", "Hello!"],
+        min_length=1, description="User messages rendered with the chat template for the parity and stop checks.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Generation budget of the stop check.")
 
 
 class Config(Strict):
@@ -146,6 +182,7 @@ class Config(Strict):
     format: FormatStageConfig = Field(default_factory=FormatStageConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
+    merge: MergeStageConfig = Field(default_factory=MergeStageConfig)
 
     @field_validator("stages")
     @classmethod
@@ -153,6 +190,10 @@ class Config(Strict):
         order = [STAGES.index(s) for s in v]
         if order != sorted(set(order)):
             raise ValueError(f"stages must be a subsequence of {list(STAGES)} without repeats")
+        planned = [s for s in v if s not in AVAILABLE_STAGES]
+        if planned:
+            raise ValueError(f"stage(s) {planned} are not available in this version of posttrain "
+                             f"(available: {', '.join(AVAILABLE_STAGES)})")
         return v
 
     @model_validator(mode="after")
@@ -173,6 +214,16 @@ class Config(Strict):
                     f"{stage}.data '{section.data}' has kind '{self.data[section.data].kind}', "
                     f"but {stage} needs kind '{want}'"
                 )
+        if self.dpo.reference == "adapter_disabled" and self.dpo.method == "full":
+            raise ValueError("dpo.reference 'adapter_disabled' needs dpo.method lora or qlora (a full model has "
+                             "no adapter to disable); use reference 'copy'")
+        if "merge" in self.stages:
+            before = [s for s in self.stages[: self.stages.index("merge")] if s in MODEL_STAGES]
+            if not before:
+                raise ValueError("stages has merge, but no training stage before it writes an adapter to merge")
+            if getattr(self, before[-1]).method == "full":
+                raise ValueError(f"stages has merge after {before[-1]}, whose method is full: there is no adapter "
+                                 f"to merge (drop merge from stages, or set {before[-1]}.method: lora)")
         return self
 
 
@@ -414,6 +465,9 @@ def _check_training(training: dict, cls_name: str, loc: tuple, where: str, lines
             raise PosttrainError(f"'{_dotted(kloc)}' is {value}, must be >= 0", where=at)
 
 
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
 _NON_NEGATIVE = {
     "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "warmup_steps", "weight_decay", "max_length", "logging_steps",
@@ -429,6 +483,17 @@ def _check_cross_training(cfg: Config, where: str) -> None:
             where=where,
             fix="use packing_strategy 'bfd' (position-id segmentation)",
         )
+    loss_type = cfg.dpo.training.get("loss_type", ["sigmoid"])
+    loss_type = [loss_type] if isinstance(loss_type, str) else loss_type
+    bad = [t for t in loss_type if t not in DPO_LOSS_TYPES]
+    if bad:
+        near = did_you_mean(str(bad[0]), DPO_LOSS_TYPES)
+        raise PosttrainError(f"dpo.training.loss_type has unknown type {bad[0]!r}", where=where,
+                             fix=f"did you mean '{near}'?" if near else f"one of: {', '.join(DPO_LOSS_TYPES)}")
+    weights = cfg.dpo.training.get("loss_weights")
+    if weights is not None and len(weights) != len(loss_type):
+        raise PosttrainError(f"dpo.training.loss_weights has {len(weights)} weights for {len(loss_type)} loss types",
+                             where=where, fix="give one weight per entry of loss_type")
     for stage in ("sft", "dpo"):
         tr = getattr(cfg, stage).training
         if tr.get("bf16") and tr.get("fp16"):

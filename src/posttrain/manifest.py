@@ -94,7 +94,7 @@ def directory_hash(directory: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-STAGE_MARKERS = (MANIFEST, "checkpoints", "metrics.jsonl", "config.resolved.yaml")
+STAGE_MARKERS = (MANIFEST, "posttrain.started.json", "checkpoints", "metrics.jsonl", "config.resolved.yaml")
 
 
 def prepare_output(directory: str | Path, *, overwrite: bool, resume: bool = False) -> Path:

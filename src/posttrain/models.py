@@ -149,12 +149,48 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
-    """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model."""
+def adapter_base(source: str) -> str | None:
+    """For a LoRA adapter directory, the model it was trained on top of; None for anything else.
+
+    A posttrain stage records it in its manifest (`adapter_base`); other adapters name it in
+    adapter_config.json.
+    """
+    import json
+
+    from posttrain import manifest
+
+    p = Path(source)
+    if not (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+        return None
+    recorded = (manifest.read(p) or {}).get("adapter_base")
+    if recorded:
+        return recorded
+    base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise PosttrainError(f"adapter '{source}' does not name its base model",
+                             fix="set base_model_name_or_path in its adapter_config.json")
+    return base
+
+
+def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
+                   *, wrap: bool = True):
+    """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model.
+
+    `source` may be a LoRA adapter directory (an SFT stage trained with LoRA). Then the starting
+    model is its base with the adapter applied: merged in memory for full training, or loaded
+    trainable (training continues that adapter) for lora/qlora. Either way training starts from
+    the adapter's weights, never from the bare base. With `wrap=False` a new LoRA adapter is not
+    applied (the caller hands `lora_config(...)` to the trainer instead); QLoRA's k-bit preparation
+    is done either way.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     _check_source(source, "model")
+    under = adapter_base(source)
+    adapter, source = (source, under) if under else (None, source)
+    if adapter:
+        _check_source(source, f"base model of adapter '{adapter}'")
     dtype = torch_dtype(cfg.model.dtype)
     kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation:
@@ -174,9 +210,30 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     _sync_special_ids(model, tok)
     if method == "qlora":
         disable_bnb_cpu_repack(model)
+    if adapter:
+        return _with_adapter(model, adapter, method)
     if method == "full":
         return model
+    if not wrap:
+        return prepare_kbit(model) if method == "qlora" else model
     return apply_lora(model, lora, quantized=method == "qlora", train_embeddings=grew)
+
+
+def prepare_kbit(model):
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _with_adapter(model, adapter: str, method: str):
+    """Apply a trained adapter: merged into the weights (full training) or kept trainable."""
+    from peft import PeftModel
+
+    if method == "full":
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if method == "qlora":
+        model = prepare_kbit(model)
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
 def _sync_special_ids(model, tok: TokenizerInfo) -> None:
@@ -222,11 +279,17 @@ def disable_bnb_cpu_repack(model) -> int:
 
 def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bool):
     """Wrap `model` with a LoRA adapter; every target pattern must match a module (#19)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model)
+    return get_peft_model(model, lora_config(model, lora, train_embeddings=train_embeddings))
+
+
+def lora_config(model, lora: LoraConfig, *, train_embeddings: bool):
+    """PEFT's LoraConfig for `model`; every target pattern must match a module (#19)."""
+    from peft import LoraConfig as PeftLoraConfig
+
     names = [n for n, _ in model.named_modules()]
     if lora.target_modules != "all-linear":
         unmatched = [p for p in lora.target_modules if not any(n == p or n.endswith("." + p) for n in names)]
@@ -238,7 +301,7 @@ def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bo
     to_save = list(lora.modules_to_save)
     if train_embeddings:
         to_save += [m for m in ("embed_tokens", "lm_head") if m not in to_save]
-    peft_cfg = PeftLoraConfig(
+    return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -246,7 +309,6 @@ def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bo
         modules_to_save=to_save or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

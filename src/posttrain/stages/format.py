@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain import data, manifest, models, templates
+from posttrain import data, lineage, manifest, models, templates
 from posttrain.config import Config, stage_output, to_dict
 from posttrain.console import console, summary
 from posttrain.errors import PosttrainError
+from posttrain.stages import common
 
 MAX_DROPPED_LISTED = 50
 
@@ -45,9 +46,11 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
         }
     manifest.write(out, {
         "stage": "format",
+        "parent": None,
+        "inputs_key": lineage.stage_key(cfg, "format", None),
         "tokenizer": cfg.model.tokenizer or cfg.model.name_or_path,
         "template_hash": tok.template_hash,
-        "special_tokens": special_tokens(tok),
+        "special_tokens": common.special_tokens(tok),
         "datasets": record,
         "config": to_dict(cfg),
         "versions": manifest.versions(),
@@ -76,7 +79,7 @@ def format_and_check(cfg: Config, name: str, tok: models.TokenizerInfo):
         console.print(f"[yellow]dropped[/] {s} row {i}: {reason}")
     if len(f.dropped) > 5:
         console.print(f"[yellow]dropped[/] {len(f.dropped) - 5} more rows (listed in the manifest)")
-    max_length = cfg.sft.training.get("max_length", 1024) if dc.kind == "sft" else None
+    max_length = (cfg.sft if dc.kind == "sft" else cfg.dpo).training.get("max_length", 1024)
     stats = templates.check_rows(f.train, dc.kind, tok.tokenizer, tok.eot_id, name, max_length=max_length)
     if stats["over_max_length"]:
         console.print(
@@ -84,12 +87,6 @@ def format_and_check(cfg: Config, name: str, tok: models.TokenizerInfo):
             f"than max_length {max_length} and will be truncated"
         )
     return f, stats
-
-
-def special_tokens(tok: models.TokenizerInfo) -> dict:
-    t = tok.tokenizer
-    return {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": t.pad_token_id, "eot": tok.eot_id,
-            "vocab_size": len(t)}
 
 
 def load_formatted(directory: str | Path, name: str):
@@ -100,3 +97,30 @@ def load_formatted(directory: str | Path, name: str):
     train = datasets.load_dataset("parquet", data_files=str(d / "train.parquet"), split="train")
     ev = d / "eval.parquet"
     return train, datasets.load_dataset("parquet", data_files=str(ev), split="train") if ev.exists() else None
+
+
+def stage_data(cfg: Config, name: str, tok: models.TokenizerInfo):
+    """A training stage's dataset: from this config's finished format stage when it matches, else
+    formatted (and checked) now. Returns (train, eval or None, record for the manifest)."""
+    fmt_dir = Path(cfg.output_dir) / "format"
+    m = manifest.read(fmt_dir) if manifest.is_finished(fmt_dir) else None
+    if m and _format_matches(m, cfg, name, tok):
+        train, ev = load_formatted(fmt_dir, name)
+        console.print(f"data.{name}: using the formatted data in {fmt_dir}")
+        return train, ev, {"name": name, "format_dir": str(fmt_dir), "format_hash": manifest.directory_hash(fmt_dir),
+                           "files": m["datasets"][name]["files"], "rows": len(train)}
+    f, stats = format_and_check(cfg, name, tok)
+    return f.train, f.eval, {"name": name, "files": f.files, "rows": len(f.train), "dropped": len(f.dropped),
+                             "checks": stats}
+
+
+def _format_matches(m: dict, cfg: Config, name: str, tok: models.TokenizerInfo) -> bool:
+    """The format stage's output is this config's data: same sources, template and file contents."""
+    if name not in m.get("datasets", {}) or m.get("template_hash") != tok.template_hash:
+        return False
+    if m["config"]["data"].get(name) != cfg.data[name].model_dump(mode="json"):
+        return False
+    if m["config"].get("template") != cfg.template.model_dump(mode="json"):
+        return False
+    recorded = m["datasets"][name]["files"]
+    return all(Path(p).is_file() and data.file_hash(p) == h for p, h in recorded.items())

@@ -1,0 +1,143 @@
+"""`posttrain run CONFIG`: the whole chain from one YAML, each stage starting from the last.
+
+The runner decides order, skipping and resuming; the stages do the work. For each stage in
+`stages:` it computes the stage's inputs key (lineage.stage_key: its config sections, data file
+contents and its parent's identity) and then:
+  - a finished stage directory with the same key is "up to date" and skipped;
+  - an interrupted one (checkpoints, no manifest) that started with the same key is resumed;
+  - anything else runs from scratch (and `--from STAGE` forces that stage and all after it).
+Every stage checks its parent's template and special tokens before loading a model. At the end
+`<output_dir>/posttrain-chain.json` records each stage's path, status, key metrics and time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain import config as config_mod
+from posttrain import lineage, manifest
+from posttrain.config import Config
+from posttrain.console import console, fmt, summary
+from posttrain.errors import PosttrainError
+
+SUMMARY = "posttrain-chain.json"
+
+
+@dataclass
+class Step:
+    stage: str
+    output: Path
+    parent: str | None  # the directory or model the stage starts from (None for format)
+
+
+def plan(cfg: Config) -> list[Step]:
+    """The stages in order, each with the directory it writes and the model it starts from."""
+    steps, current = [], cfg.model.name_or_path
+    for stage in cfg.stages:
+        out = Path(cfg.output_dir) / stage
+        steps.append(Step(stage, out, None if stage == "format" else current))
+        if stage in config_mod.MODEL_STAGES or stage == "merge":
+            current = str(out)
+    return steps
+
+
+def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False) -> dict:
+    steps = plan(cfg)
+    if from_stage is not None and from_stage not in cfg.stages:
+        raise PosttrainError(f"--from '{from_stage}' is not one of this config's stages ({', '.join(cfg.stages)})")
+    if dry_run:
+        return dry(cfg, steps)
+    t0 = time.time()
+    forced = False
+    record = []
+    for step in steps:
+        forced = forced or step.stage == from_stage
+        key = lineage.stage_key(cfg, step.stage, step.parent)
+        status = decide(step, key, forced)
+        console.rule(f"{step.stage}: {status}")
+        s0 = time.time()
+        if status != "up to date":
+            _run_stage(cfg, step, resume=status == "resuming")
+        m = manifest.read(step.output) or {}
+        record.append({"stage": step.stage, "path": str(step.output), "parent": step.parent,
+                       "status": "up to date" if status == "up to date" else "resumed" if status == "resuming"
+                       else "ran", "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
+                       "metrics": key_metrics(m)})
+    result = {"config": config_mod.to_dict(cfg), "stages": record, "wall_time_s": round(time.time() - t0, 1),
+              "finished": manifest.now(), "versions": manifest.versions(), "git_commit": manifest.git_commit()}
+    path = Path(cfg.output_dir) / SUMMARY
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    summary(f"chain: {' → '.join(cfg.stages)}", {
+        r["stage"]: f"{r['status']} ({r['seconds']:.0f} s)  {r['path']}  "
+        + "  ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())
+        for r in record
+    } | {"total": f"{result['wall_time_s']:.0f} s; lineage in {path}"})
+    return result
+
+
+def decide(step: Step, key: str, forced: bool) -> str:
+    """'up to date', 'resuming' or 'running' for one stage."""
+    from posttrain.stages import common
+
+    m = manifest.read(step.output)
+    if m is not None and not forced and m.get("inputs_key") == key:
+        return "up to date"
+    if m is None and not forced and lineage.started_key(step.output) == key \
+            and common.last_checkpoint(step.output) is not None:
+        return "resuming"
+    return "running"
+
+
+def _run_stage(cfg: Config, step: Step, *, resume: bool) -> None:
+    from posttrain.stages import dpo, merge, sft
+    from posttrain.stages import format as format_stage
+
+    if step.stage == "format":
+        format_stage.run(cfg, output=str(step.output), overwrite=True)
+        return
+    module = {"sft": sft, "dpo": dpo, "merge": merge}[step.stage]
+    module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)
+
+
+def key_metrics(m: dict) -> dict:
+    """The few numbers per stage worth a line in the chain summary."""
+    metrics, checks = m.get("metrics", {}), m.get("checks", {})
+    stage = m.get("stage")
+    if stage == "format":
+        return {f"{n} rows": d["train_rows"] for n, d in m.get("datasets", {}).items()}
+    if stage == "sft":
+        return {"eval loss": metrics.get("eval_loss_after"), "steps": metrics.get("steps")}
+    if stage == "dpo":
+        return {"reward acc": metrics.get("reward_accuracy"), "margin": metrics.get("reward_margin"),
+                "steps": metrics.get("steps")}
+    if stage == "merge":
+        return {"parity Δ": checks.get("parity", {}).get("max_abs_diff"),
+                "stops": checks.get("reload", {}).get("stopped")}
+    return {}
+
+
+def dry(cfg: Config, steps: list[Step]) -> dict:
+    """Validate the chain without loading a model: per stage, its resolved settings, where it
+    starts from and whether it is up to date, and one rendered sample with its loss mask."""
+    from posttrain import preview
+
+    rows = []
+    for step in steps:
+        key = lineage.stage_key(cfg, step.stage, step.parent)
+        status = decide(step, key, forced=False)
+        section = config_mod.to_dict(cfg).get(step.stage) or {}
+        summary(f"{step.stage} (would be: {'skipped, up to date' if status == 'up to date' else status})", {
+            "starts from": step.parent or "data",
+            "writes": str(step.output),
+            **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in section.items()},
+        })
+        if step.stage in preview.STAGE_DATA:
+            preview.show(cfg, step.stage, 1)
+        rows.append({"stage": step.stage, "status": status, "parent": step.parent})
+    console.print(f"dry run: {len(steps)} stages checked; nothing was trained or written")
+    return {"stages": rows}
