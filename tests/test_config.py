@@ -62,8 +62,7 @@ def test_valid_minimal_config_loads(tmp_path):
     assert cfg.data["sft"].kind == "sft"
     assert cfg.data["sft"].train[0].path == "a.jsonl"
     # defaults
-    assert cfg.stages == ["format", "sft", "dpo", "merge"]
-    assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
+    assert cfg.stages == ["format", "sft"]
     assert cfg.template.name == "chatml"
     assert cfg.sft.data == "sft"
     assert cfg.sft.method == "full"
