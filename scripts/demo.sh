@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The offline demo: tiny model + tokenizer + data built locally, then format → sft, then a
-# before/after table on held-out prompts. No network. Usage: scripts/demo.sh
-# (`posttrain run configs/demo.yaml` replaces the middle part once the chain runner exists.)
-# Every path comes from configs/demo.yaml (runs/demo/...).
+# The offline demo: tiny model + tokenizer + data built locally, then the whole chain from one
+# config (format → sft → dpo → merge), then a before/after table on held-out prompts and pairs.
+# No network. Usage: scripts/demo.sh. Every path comes from configs/demo.yaml (runs/demo/...).
+# Re-running skips the stages that are up to date; `make clean-demo` starts over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=runs/demo
@@ -10,19 +10,18 @@ BIN=.venv/bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 start=$(date +%s)
 
-echo "== 1/4 tiny model, tokenizer and demo data (offline) -> $DIR/tiny, $DIR/data"
+echo "== 1/3 tiny model, tokenizer and demo data (offline) -> $DIR/tiny, $DIR/data"
 $BIN/posttrain init-tiny "$DIR/tiny" --data-dir "$DIR/data"
 
-echo "== 2/4 format -> $DIR/format"
-$BIN/posttrain format configs/demo.yaml --overwrite
+echo "== 2/3 the chain: posttrain run configs/demo.yaml (format -> sft -> dpo -> merge)"
+$BIN/posttrain run configs/demo.yaml
 
-echo "== 3/4 sft -> $DIR/sft"
-$BIN/posttrain sft configs/demo.yaml --overwrite
-
-echo "== 4/4 held-out exact match, before vs after SFT"
-$BIN/python -m posttrain.demo "$DIR/data/sft_eval.jsonl" "$DIR/tiny" "$DIR/sft" -n 500
+echo "== 3/3 held-out evaluation: the random-init base, the SFT model, the merged DPO model"
+$BIN/python -m posttrain.demo "$DIR/data/sft_eval.jsonl" "$DIR/tiny" "$DIR/sft" "$DIR/merge" -n 500 \
+  --pairs "$DIR/data/pref_eval.jsonl"
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s. Outputs:"
-echo "  $DIR/format/posttrain.json   formatted data, dropped rows, template checks"
-echo "  $DIR/sft/                    the fine-tuned model, tokenizer + template, metrics.jsonl, posttrain.json"
+echo "  $DIR/posttrain-chain.json     the chain: stages, paths, status, key metrics, lineage"
+echo "  $DIR/sft/ $DIR/dpo/            the SFT model and the DPO LoRA adapter (posttrain.json each)"
+echo "  $DIR/merge/                   the merged model: loads with plain transformers"

@@ -575,3 +575,42 @@ def test_set_override_applies_or_raises_posttrain_error(tmp_path_factory, item):
         assert e.line()
     else:
         assert isinstance(cfg, Config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain: DPO and merge rules
+
+CHAIN = BASE + "dpo:\n  data: pref\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["dpo.reference=adapter_disabled"], "needs dpo.method lora or qlora"),
+        (["stages=[format, sft, merge]"], "whose method is full: there is no adapter"),
+        (["stages=[format, merge]"], "no training stage before it"),
+        (["stages=[format, sft, reward]"], "not available in this version"),
+        (["stages=[sft, format]"], "subsequence"),
+        (["dpo.training.loss_type=[sigmoid, sfft]"], "did you mean 'sft'"),
+        (["dpo.training.loss_type=[sigmoid, sft]", "dpo.training.loss_weights=[1.0]"], "1 weights for 2 loss types"),
+        (["dpo.training.precompute_ref_log_probs=true"], "set dpo.reference: precomputed"),
+        (["dpo.step0_tolerance=0"], "dpo.step0_tolerance"),
+        (["merge.tolerance=-1"], "merge.tolerance"),
+        (["merge.probe_prompts=[]"], "merge.probe_prompts"),
+        (["merge.nf4_roundtrip=true"], "did you mean 'nf4_round_trip'"),
+    ],
+)
+def test_chain_rules_are_config_errors(tmp_path, overrides, expected):
+    err = error_of(tmp_path, CHAIN, overrides)
+    assert expected in err.line(), err.line()
+    assert "\n" not in err.line()
+
+
+def test_valid_chains(tmp_path):
+    p = write(tmp_path, CHAIN)
+    cfg = load_config(p, ["stages=[format, sft, dpo, merge]", "dpo.method=lora", "dpo.reference=adapter_disabled"])
+    assert cfg.stages == ["format", "sft", "dpo", "merge"]
+    cfg = load_config(p, ["stages=[sft, merge]", "sft.method=qlora", "merge.nf4_round_trip=true"])
+    assert cfg.merge.nf4_round_trip is True
+    cfg = load_config(p, ["stages=[dpo]", "dpo.training.loss_type=[sigmoid, sft]", "dpo.training.loss_weights=[1, 1]"])
+    assert cfg.dpo.training["loss_weights"] == [1, 1]

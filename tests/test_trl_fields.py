@@ -19,3 +19,16 @@ def test_snapshot_matches_installed_trl():
     sft = live["configs"]["SFTConfig"]
     assert {"learning_rate", "max_length", "packing", "assistant_only_loss"} <= set(sft)
     assert sft["learning_rate"]["kinds"] == ["float"]
+
+
+def test_dpo_loss_types_match_trl():
+    """config.DPO_LOSS_TYPES (checked without importing TRL) is exactly the set DPOTrainer handles."""
+    import re
+
+    import trl.trainer.dpo_trainer as dpo_trainer
+
+    from posttrain.config import DPO_LOSS_TYPES
+
+    source = Path(dpo_trainer.__file__).read_text()
+    handled = set(re.findall(r'loss_type == "(\w+)"', source))
+    assert handled == set(DPO_LOSS_TYPES)

@@ -49,7 +49,7 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False) ->
     if from_stage is not None and from_stage not in cfg.stages:
         raise PosttrainError(f"--from '{from_stage}' is not one of this config's stages ({', '.join(cfg.stages)})")
     if dry_run:
-        return dry(cfg, steps)
+        return dry(cfg, steps, from_stage)
     t0 = time.time()
     forced = False
     record = []
@@ -121,15 +121,20 @@ def key_metrics(m: dict) -> dict:
     return {}
 
 
-def dry(cfg: Config, steps: list[Step]) -> dict:
+def dry(cfg: Config, steps: list[Step], from_stage: str | None = None) -> dict:
     """Validate the chain without loading a model: per stage, its resolved settings, where it
-    starts from and whether it is up to date, and one rendered sample with its loss mask."""
+    starts from and what a real run would do, and one rendered sample with its loss mask."""
     from posttrain import preview
 
-    rows = []
+    rows, rerun = [], False
     for step in steps:
+        rerun = rerun or step.stage == from_stage
         key = lineage.stage_key(cfg, step.stage, step.parent)
-        status = decide(step, key, forced=False)
+        status = decide(step, key, forced=rerun)
+        if status == "up to date" and rerun:
+            status = "running"
+        # a stage after one that reruns gets a new parent, so it reruns too
+        rerun = rerun or (status != "up to date" and step.stage != "format")
         section = config_mod.to_dict(cfg).get(step.stage) or {}
         summary(f"{step.stage} (would be: {'skipped, up to date' if status == 'up to date' else status})", {
             "starts from": step.parent or "data",

@@ -145,20 +145,69 @@ def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_s
     return {k: round(v / len(prompts), 4) for k, v in totals.items()}
 
 
+def preference_accuracy(model_dir: str | Path, pref_file: str | Path) -> dict[str, float]:
+    """Share of held-out pairs where the model gives the chosen answer a higher log-probability
+    than the rejected one (whole answer including the end-of-turn token, given the prompt).
+
+    Split by pair type: `style` (concise over verbose, both correct) and `correct` (right sum
+    over a sum off by one digit, same style). Reference-free, so any two models compare.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    rows = [json.loads(line) for line in Path(pref_file).read_text().splitlines()]
+    texts, starts = [], []
+    for r in rows:
+        user = [{"role": "user", "content": r["prompt"]}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        for answer in (r["chosen"], r["rejected"]):
+            texts.append(tok.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False))
+            starts.append(len(tok(prompt, add_special_tokens=False)["input_ids"]))
+    logps = []
+    for i in range(0, len(texts), 128):
+        enc = tok(texts[i:i + 128], add_special_tokens=False, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, :-1].log_softmax(-1)
+        token_logps = logits.gather(-1, enc["input_ids"][:, 1:, None])[..., 0]
+        positions = torch.arange(token_logps.shape[1])[None, :]
+        first = torch.tensor(starts[i:i + 128])[:, None] - 1  # the first answer token is predicted here
+        keep = (positions >= first) & (enc["attention_mask"][:, 1:] == 1)
+        logps += (token_logps * keep).sum(-1).tolist()
+    hits: dict[str, list[float]] = {"style": [], "correct": []}
+    for j, r in enumerate(rows):
+        kind = "correct" if CONCISE.match(r["rejected"]) else "style"
+        hits[kind].append(float(logps[2 * j] > logps[2 * j + 1]))
+    every = hits["style"] + hits["correct"]
+    return {"all": round(sum(every) / len(every), 4),
+            **{k: round(sum(v) / len(v), 4) if v else float("nan") for k, v in hits.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m posttrain.demo EVAL_FILE MODEL_DIR...`: a before/after table for the demo."""
+    """`python -m posttrain.demo EVAL_FILE MODEL_DIR... [--pairs PREF_EVAL]`: the demo's table."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m posttrain.demo", description=main.__doc__)
     parser.add_argument("eval_file")
     parser.add_argument("models", nargs="+")
     parser.add_argument("-n", type=int, default=200)
+    parser.add_argument("--pairs", help="held-out preference pairs (jsonl) for the preference accuracy")
     args = parser.parse_args(argv)
     print(f"held-out prompts: {args.n} (pairs no stage trained on); greedy decoding")
-    print(f"{'model':<28} {'exact match':>12} {'concise style':>14} {'ended turn':>11}")
+    if args.pairs:
+        print("preference accuracy: share of held-out pairs where log p(chosen) > log p(rejected) "
+              "(style: concise vs verbose; correct: right sum vs off by one digit)")
+    head = f"{'model':<22} {'exact match':>11} {'concise':>8} {'ended':>6}"
+    print(head + (f" {'pref (style / correct)':>23}" if args.pairs else ""))
     for m in args.models:
         r = evaluate(m, args.eval_file, args.n)
-        print(f"{m:<28} {r['exact']:>12.1%} {r['concise']:>14.1%} {r['ended']:>11.1%}")
+        row = f"{str(m):<22} {r['exact']:>11.1%} {r['concise']:>8.1%} {r['ended']:>6.0%}"
+        if args.pairs:
+            p = preference_accuracy(m, args.pairs)
+            row += f" {p['all']:>8.1%} ({p['style']:.0%} / {p['correct']:.0%})"
+        print(row, flush=True)
     return 0
 
 

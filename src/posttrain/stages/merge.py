@@ -138,16 +138,15 @@ def default_adapter(cfg: Config) -> str:
 
 
 def merge_dtype(name: str, base: str):
-    """The merged weights' dtype: as configured; `auto` keeps the base's own (fp32 when unknown)."""
-    import json
-
+    """The merged weights' dtype: as configured; `auto` keeps the dtype in the base's config
+    (fp32 when it names none)."""
     import torch
+    from transformers import AutoConfig
 
     if name != "auto":
         return getattr(torch, name)
-    cfg_file = Path(base) / "config.json"
-    found = json.loads(cfg_file.read_text()).get("dtype") or json.loads(cfg_file.read_text()).get("torch_dtype") \
-        if cfg_file.is_file() else None
+    found = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    found = str(found).removeprefix("torch.") if found is not None else None
     return getattr(torch, found) if found in ("bfloat16", "float16", "float32") else torch.float32
 
 
