@@ -23,5 +23,5 @@ $BIN/python -m posttrain.demo "$DIR/data/sft_eval.jsonl" "$DIR/tiny" "$DIR/sft" 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s. Outputs:"
 echo "  $DIR/posttrain-chain.json     the chain: stages, paths, status, key metrics, lineage"
-echo "  $DIR/sft/ $DIR/dpo/            the SFT model and the DPO LoRA adapter (posttrain.json each)"
-echo "  $DIR/merge/                   the merged model: loads with plain transformers"
+echo "  $DIR/sft/, $DIR/dpo/      the SFT model and the DPO LoRA adapter (posttrain.json each)"
+echo "  $DIR/merge/                 the merged model: loads with plain transformers"

@@ -138,11 +138,20 @@ def special_tokens(tok: models.TokenizerInfo) -> dict:
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint. The trainer writes trainer_state.json last, so a process
+    killed while saving leaves a checkpoint without it (or with a torn one): skip such."""
+    import json
 
     d = out / CHECKPOINTS
-    found = get_last_checkpoint(str(d)) if d.is_dir() else None
-    return Path(found) if found else None
+    found = sorted(d.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1])
+                   if p.name.rsplit("-", 1)[-1].isdigit() else -1) if d.is_dir() else []
+    for ckpt in reversed(found):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return ckpt
+    return None
 
 
 def last(history: list[dict], key: str):
