@@ -18,7 +18,8 @@ CHECKPOINTS = "checkpoints"
 def resolve_base(base: str, *, allow_adapter: bool = False) -> str:
     """A finished stage directory, a model directory or a Hub id."""
     p = Path(base)
-    if p.is_dir() and any(p.glob(f"{CHECKPOINTS}/checkpoint-*")) and not manifest.is_finished(p):
+    started = any(p.glob(f"{CHECKPOINTS}/checkpoint-*")) or (p / "posttrain.started.json").exists()
+    if p.is_dir() and started and not manifest.is_finished(p):
         raise PosttrainError(f"base '{base}' is an unfinished stage (no posttrain.json)",
                              fix="finish it with --resume, or point --base at a finished stage")
     if p.is_dir() and not allow_adapter and models.adapter_base(base) is not None:
