@@ -337,3 +337,19 @@ def test_resume_reproduces_losses(dpo_config, sft_full, tmp_path):
     resumed = read_losses(out)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_dpo_without_a_config_uses_the_config_recorded_in_the_base(sft_full, tmp_path, monkeypatch):
+    """`posttrain dpo --base DIR`: the config comes from DIR/posttrain.json (with --set on top);
+    a recorded config without preference data is a clear error before any model is loaded."""
+    from posttrain.cli import _load
+    from posttrain.config import to_dict
+
+    recorded = manifest.read(sft_full)["config"]
+    cfg = _load(None, [f"output_dir={tmp_path}", "dpo.training.beta=0.3"], base=str(sft_full))
+    assert to_dict(cfg)["sft"] == recorded["sft"] and to_dict(cfg)["model"] == recorded["model"]
+    assert cfg.dpo.training == {"beta": 0.3} and cfg.output_dir == str(tmp_path)
+    _no_model_loading(monkeypatch)
+    with pytest.raises(PosttrainError, match=r"data\.preference"):
+        dpo.run(cfg, base=str(sft_full))
+    assert not (tmp_path / "dpo").exists()

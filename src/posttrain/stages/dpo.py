@@ -42,6 +42,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     started, t0 = manifest.now(), time.time()
     dc = cfg.dpo
     out = stage_output(cfg, "dpo", output)
+    if dc.data not in cfg.data:
+        raise PosttrainError(f"dpo.data names dataset '{dc.data}', which the config has no data.{dc.data} section for",
+                             fix=f"add data.{dc.data} with kind: preference (or pass a config file that has one)")
 
     # 1. where DPO starts
     source = common.resolve_base(base or default_base(cfg), allow_adapter=True)
