@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import manifest, models, templates
+from posttrain import lineage, manifest, models, templates
 from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
@@ -99,6 +99,28 @@ def save(trainer, out: Path, cfg: Config, tok: models.TokenizerInfo, method: str
     (out / "config.resolved.yaml").write_text(config_mod.dump_yaml(cfg))
     check_saved(out, tok, method)
     return True
+
+
+def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo, *, parent: str, key: str,
+                   started: str, **fields) -> None:
+    """posttrain.json for a model stage: its own fields, then lineage, template and provenance.
+    Written last: from here on the directory is a finished stage."""
+    import torch
+
+    manifest.write(out, {
+        "stage": stage,
+        **fields,
+        "parent": lineage.parent_record(parent),
+        "inputs_key": key,
+        "template_hash": tok.template_hash,
+        "special_tokens": special_tokens(tok),
+        "config": config_mod.to_dict(cfg),
+        "versions": manifest.versions(),
+        "git_commit": manifest.git_commit(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "started": started,
+        "finished": manifest.now(),
+    })
 
 
 def adapter_base_of(source: str, method: str) -> str | None:

@@ -25,10 +25,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from posttrain import config as config_mod
 from posttrain import lineage, manifest, models
 from posttrain.config import Config, stage_output
-from posttrain.console import console, peak_memory_mb, summary
+from posttrain.console import peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
 from posttrain.stages import format as format_stage
@@ -65,7 +64,6 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     held = eval_ds if eval_ds is not None else train_ds.select(range(min(PROBE_PAIRS, len(train_ds))))
 
     # 3. policy, reference, trainer
-    import torch
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.callbacks import MetricsJsonl, TrainingGuard
@@ -124,29 +122,19 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
     }
-    manifest.write(out, {
-        "stage": "dpo",
-        "method": dc.method,
-        "reference": reference,
-        "loss_type": list(args.loss_type),
-        "beta": args.beta,
-        "parent": lineage.parent_record(source),
-        "inputs_key": key,
-        "adapter_base": common.adapter_base_of(source, dc.method),
-        "data": data_record,
-        "template_hash": tok.template_hash,
-        "special_tokens": common.special_tokens(tok),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "metrics": metrics,
-        "resumed_from": str(last_checkpoint) if last_checkpoint else None,
-        "config": config_mod.to_dict(cfg),
-        "versions": manifest.versions(),
-        "git_commit": manifest.git_commit(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "started": started,
-        "finished": manifest.now(),
-    })
+    common.write_manifest(
+        out, "dpo", cfg, tok, parent=source, key=key, started=started,
+        method=dc.method,
+        reference=reference,
+        loss_type=list(args.loss_type),
+        beta=args.beta,
+        adapter_base=common.adapter_base_of(source, dc.method),
+        data=data_record,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        metrics=metrics,
+        resumed_from=str(last_checkpoint) if last_checkpoint else None,
+    )
     where = "held-out" if eval_ds is not None else "train sample"
     summary("dpo", {
         "method": f"{dc.method} ({trainable:,} of {total:,} parameters trained)",

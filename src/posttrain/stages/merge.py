@@ -89,26 +89,17 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 5. verdict and manifest
     checks = {"parity": parity, "weights_changed": changed, "reload": reload, "nf4_round_trip_layers": rounded}
-    manifest.write(out, {
-        "stage": "merge",
-        "method": "merged",
-        "parent": lineage.parent_record(adapter),
-        "inputs_key": key,
-        "adapter": adapter,
-        "merged_into": under,
-        "adapter_method": parent.get("method"),
-        "nf4_round_trip": round_trip,
-        "dtype": str(dtype).removeprefix("torch."),
-        "checks": checks,
-        "template_hash": tok.template_hash,
-        "special_tokens": common.special_tokens(tok),
-        "metrics": {"wall_time_s": round(time.time() - t0, 2)},
-        "config": config_mod.to_dict(cfg),
-        "versions": manifest.versions(),
-        "git_commit": manifest.git_commit(),
-        "started": started,
-        "finished": manifest.now(),
-    })
+    common.write_manifest(
+        out, "merge", cfg, tok, parent=adapter, key=key, started=started,
+        method="merged",
+        adapter=adapter,
+        merged_into=under,
+        adapter_method=parent.get("method"),
+        nf4_round_trip=round_trip,
+        dtype=str(dtype).removeprefix("torch."),
+        checks=checks,
+        metrics={"wall_time_s": round(time.time() - t0, 2)},
+    )
     summary("merge", {
         "adapter → base": f"{adapter} → {under}" + (" (nf4 round trip)" if round_trip else ""),
         "parity (merged vs base+adapter)":

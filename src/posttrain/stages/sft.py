@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from posttrain import config as config_mod
 from posttrain import lineage, manifest, models
 from posttrain.config import Config, stage_output
 from posttrain.console import peak_memory_mb, summary
@@ -37,7 +36,6 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     train_ds, eval_ds, data_record = format_stage.stage_data(cfg, sc.data, tok)
 
     # 3. model and trainer config
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.callbacks import MetricsJsonl, TrainingGuard
@@ -85,27 +83,17 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
     }
-    manifest.write(out, {
-        "stage": "sft",
-        "method": sc.method,
-        "parent": lineage.parent_record(source),
-        "inputs_key": key,
-        "adapter_base": common.adapter_base_of(source, sc.method),
-        "data": data_record,
-        "template_hash": tok.template_hash,
-        "special_tokens": common.special_tokens(tok),
-        "added_tokens": tok.added_tokens,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "metrics": metrics,
-        "resumed_from": str(last_checkpoint) if last_checkpoint else None,
-        "config": config_mod.to_dict(cfg),
-        "versions": manifest.versions(),
-        "git_commit": manifest.git_commit(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "started": started,
-        "finished": manifest.now(),
-    })
+    common.write_manifest(
+        out, "sft", cfg, tok, parent=source, key=key, started=started,
+        method=sc.method,
+        adapter_base=common.adapter_base_of(source, sc.method),
+        data=data_record,
+        added_tokens=tok.added_tokens,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        metrics=metrics,
+        resumed_from=str(last_checkpoint) if last_checkpoint else None,
+    )
     loss_line = f"{eval_before:.4f} → {eval_after:.4f}" if eval_before is not None and eval_after is not None \
         else eval_after
     summary("sft", {
