@@ -778,3 +778,19 @@ def test_multiple_train_sources_concatenate(tmp_path):
         {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
     ]
     assert set(f.files) == {str(a), str(b)}
+
+
+def test_file_hash_follows_the_content_when_a_file_is_rewritten(tmp_path):
+    """file_hash is cached per (path, size, mtime): a rewrite, even of the same size, is hashed again."""
+    import os
+
+    from posttrain.data import file_hash
+
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"x": 1}\n')
+    first = file_hash(p)
+    assert file_hash(p) == first
+    p.write_text('{"x": 2}\n')
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # coarse-mtime filesystems
+    assert file_hash(p) != first

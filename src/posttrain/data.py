@@ -17,6 +17,7 @@ reported by index and reason (safeguard #1).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,15 @@ def _load_error(name: str, e: Exception) -> PosttrainError:
 
 
 def file_hash(path: str | Path) -> str:
+    """Content hash of a file. The chain, the stages and the format-reuse check all ask for the
+    same data files; the file is read once per (path, size, mtime) in a process."""
+    st = Path(path).stat()
+    return _content_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key: a changed file is hashed again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

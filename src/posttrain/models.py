@@ -207,7 +207,7 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]
     if grew:  # safeguard #15: new tokens need new (trained, saved) embedding rows
         model.resize_token_embeddings(len(tok.tokenizer))
-    _sync_special_ids(model, tok)
+    sync_special_ids(model, tok)
     if method == "qlora":
         disable_bnb_cpu_repack(model)
     if adapter:
@@ -236,7 +236,7 @@ def _with_adapter(model, adapter: str, method: str):
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
-def _sync_special_ids(model, tok: TokenizerInfo) -> None:
+def sync_special_ids(model, tok: TokenizerInfo) -> None:
     """Model and generation config agree with the tokenizer; generation stops at end-of-turn (#16)."""
     t = tok.tokenizer
     model.config.pad_token_id = t.pad_token_id

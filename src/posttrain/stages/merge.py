@@ -79,7 +79,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True)
         lineage.mark_started(out, key)
-    models._sync_special_ids(merged, tok)
+    models.sync_special_ids(merged, tok)
     merged.save_pretrained(str(out))
     tok.tokenizer.save_pretrained(str(out))
     merged.generation_config.save_pretrained(str(out))
