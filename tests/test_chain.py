@@ -449,3 +449,42 @@ def test_bad_chain_input_exits_2_with_one_line(case, tiny_dir, demo_data, tmp_pa
     r = cli("run", cfg, *args)
     assert_clean_error(r, *needles)
     assert not found(out, "posttrain-chain.json") and not found(out, manifest.MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------
+# The RLHF chain: format → sft → reward → ppo → dpo → merge
+
+
+RLHF_STAGES = ["format", "sft", "reward", "ppo", "dpo", "merge"]
+
+
+def rlhf_config(tiny_dir, demo_data, out: Path) -> dict:
+    raw = chain_config(tiny_dir, demo_data, out, stages=list(RLHF_STAGES))
+    raw["data"]["style"] = {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}],
+                            "eval": [{"path": str(demo_data / "reward_eval.jsonl")}]}
+    raw["reward"] = {"data": "style", "training": {
+        "max_steps": 20, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "max_length": 64,
+        "gradient_checkpointing": False, "logging_steps": 5, "save_steps": 1000}}
+    raw["ppo"] = {"steps": 3, "batch_size": 8, "mini_batch_size": 4, "max_new_tokens": 8, "learning_rate": 1e-4,
+                  "allow_weak_reward_model": True, "save_steps": 1000}
+    return raw
+
+
+def test_rlhf_chain_runs_and_reruns_ppo_when_the_reward_model_changes(tmp_path, tiny_dir, demo_data):
+    out = tmp_path / "rlhf"
+    cfg = write_yaml(tmp_path / "rlhf.yaml", rlhf_config(tiny_dir, demo_data, out))
+    assert_ok(cli("run", cfg))
+    summary = chain_summary(out)
+    assert [s["stage"] for s in summary["stages"]] == RLHF_STAGES
+    parents = {s["stage"]: s["parent"] for s in summary["stages"]}
+    # the reward model branches off SFT; PPO starts from SFT and DPO from PPO
+    assert parents["reward"] == parents["ppo"] == str(out / "sft")
+    assert parents["dpo"] == str(out / "ppo")
+    ppo = manifest.read(out / "ppo")
+    assert ppo["reward_model"]["path"] == str(out / "reward")
+    assert ppo["reward_model"]["hash"] == manifest.directory_hash(out / "reward")
+    assert math.isfinite(ppo["metrics"]["score_last"]) and ppo["metrics"]["steps"] == 3
+    # a retrained reward model reruns PPO (its key covers the reward stage) and what follows it
+    assert_ok(cli("run", cfg, "--set", "reward.training.learning_rate=2e-3"))
+    assert statuses(out) == {"format": "up to date", "sft": "up to date", "reward": "ran", "ppo": "ran",
+                             "dpo": "ran", "merge": "ran"}

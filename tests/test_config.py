@@ -111,8 +111,11 @@ def test_configs_dir_is_not_empty():
 
 def test_demo_config_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.stages == ["format", "sft", "dpo", "merge"]
+    assert cfg.stages == ["format", "sft", "reward", "ppo", "dpo", "merge"]
     assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
+    assert cfg.reward.data == "style" and cfg.ppo.ptx_coef > 0 and cfg.uses_reward_stage("ppo")
+    assert cfg.grpo.rewards[0].function == "posttrain.demo:exact_reward"
+    assert cfg.uses_reward_stage("rloo")  # the reward model plus the verifier
     assert cfg.sft.training["learning_rate"] == 0.003
     assert cfg.sft.training["lr_scheduler_type"] == "constant_with_warmup"
     assert cfg.dpo.training["beta"] == 0.1
@@ -589,7 +592,19 @@ CHAIN = BASE + "dpo:\n  data: pref\n"
         (["dpo.reference=adapter_disabled"], "needs dpo.method lora or qlora"),
         (["stages=[format, sft, merge]"], "whose method is full: there is no adapter"),
         (["stages=[format, merge]"], "no training stage before it"),
-        (["stages=[format, sft, reward]"], "not available in this version"),
+        (["stages=[format, sft, eval]"], "not available in this version"),
+        (["stages=[format, sft, ppo]"], "ppo scores with this config's reward stage, but stages has no reward"),
+        (["stages=[format, sft, grpo]"], "grpo scores with this config's reward stage"),
+        (["ppo.batch_size=10", "ppo.mini_batch_size=4"], "not a multiple of ppo.mini_batch_size"),
+        (["ppo.kl_cap=0"], "ppo.kl_cap"),
+        (["ppo.kl_coeff=0.1"], "did you mean 'kl_coef'"),
+        (["grpo.rewards=[{function: 'not a function'}]"], "is not 'module:function'"),
+        (["rloo.rewards=[{model: rm, function: 'm:f'}]"], "either a model or a function, not both"),
+        (["grpo.rewards=[]"], "grpo.rewards"),
+        (["ppo.ptx_coef=0.5", "ppo.ptx_data=pref"], "needs ppo.ptx_data to name a dataset of kind sft"),
+        (["ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=3"], "not a multiple of ppo.gradient_accumulation"),
+        (["reward.training.center_reward_coefficient=0.01"], "did you mean 'center_rewards_coefficient'"),
+        (["grpo.training.num_generation=4"], "did you mean 'num_generations'"),
         (["stages=[sft, format]"], "subsequence"),
         (["dpo.training.loss_type=[sigmoid, sfft]"], "did you mean 'sft'"),
         (["dpo.training.loss_type=[sigmoid, sft]", "dpo.training.loss_weights=[1.0]"], "1 weights for 2 loss types"),
@@ -614,3 +629,7 @@ def test_valid_chains(tmp_path):
     assert cfg.merge.nf4_round_trip is True
     cfg = load_config(p, ["stages=[dpo]", "dpo.training.loss_type=[sigmoid, sft]", "dpo.training.loss_weights=[1, 1]"])
     assert cfg.dpo.training["loss_weights"] == [1, 1]
+    cfg = load_config(p, ["stages=[format, sft, reward, ppo, dpo]", "reward.data=pref"])
+    assert cfg.uses_reward_stage("ppo") and cfg.stages[2:4] == ["reward", "ppo"]
+    cfg = load_config(p, ["stages=[sft, grpo]", "grpo.rewards=[{function: 'checks:exact', weight: 2.0}]"])
+    assert not cfg.uses_reward_stage("grpo") and cfg.grpo.rewards[0].weight == 2.0

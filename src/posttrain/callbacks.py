@@ -39,6 +39,8 @@ class TrainingGuard(TrainerCallback):
                 "the model has no trainable parameters",
                 fix="check the method (full/lora/qlora) and lora.target_modules",
             )
+        if state.global_step > 0:  # resumed: the run that wrote the checkpoint did this check
+            return
         # A small sample is enough to see whether the optimizer moves anything.
         self.before = {n: p.detach().flatten()[:64].clone() for n, p in params[:: max(1, len(params) // 16)]}
 

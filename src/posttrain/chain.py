@@ -38,7 +38,8 @@ def plan(cfg: Config) -> list[Step]:
     steps, current = [], cfg.model.name_or_path
     for stage in cfg.stages:
         out = Path(cfg.output_dir) / stage
-        steps.append(Step(stage, out, None if stage == "format" else current))
+        parent = None if stage == "format" else (cfg.reward.init or current) if stage == "reward" else current
+        steps.append(Step(stage, out, parent))
         if stage in config_mod.MODEL_STAGES or stage == "merge":
             current = str(out)
     return steps
@@ -94,13 +95,14 @@ def decide(step: Step, key: str, forced: bool) -> str:
 
 
 def _run_stage(cfg: Config, step: Step, *, resume: bool) -> None:
-    from posttrain.stages import dpo, merge, sft
-    from posttrain.stages import format as format_stage
+    import importlib
 
     if step.stage == "format":
+        from posttrain.stages import format as format_stage
+
         format_stage.run(cfg, output=str(step.output), overwrite=True)
         return
-    module = {"sft": sft, "dpo": dpo, "merge": merge}[step.stage]
+    module = importlib.import_module(f"posttrain.stages.{step.stage}")
     module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)
 
 
@@ -115,6 +117,12 @@ def key_metrics(m: dict) -> dict:
     if stage == "dpo":
         return {"reward acc": metrics.get("reward_accuracy"), "margin": metrics.get("reward_margin"),
                 "steps": metrics.get("steps")}
+    if stage == "reward":
+        return {"held-out acc": metrics.get("accuracy"), "margin": metrics.get("margin"),
+                "length corr": metrics.get("length_correlation")}
+    if stage in ("ppo", "rloo", "grpo"):
+        return {"score": f"{fmt(metrics.get('score_first'))} → {fmt(metrics.get('score_last'))}",
+                "kl": metrics.get("kl_last"), "steps": metrics.get("steps")}
     if stage == "merge":
         return {"parity Δ": checks.get("parity", {}).get("max_abs_diff"),
                 "stops": checks.get("reload", {}).get("stopped")}

@@ -2,8 +2,7 @@
 `PosttrainError` into one line on stderr and exit code 2 (`--debug` shows the traceback).
 
 Imports of torch, transformers and trl happen inside the commands, so `--help` and `validate`
-stay instant. Planned stages (reward, ppo, eval) arrive with their issues and are not listed
-until they work.
+stay instant. The eval stage arrives with its issue and is not listed until it works.
 """
 
 from __future__ import annotations
@@ -144,6 +143,53 @@ def dpo(config: ConfigArg = None,
     stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
 
 
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="Start from this finished stage (SFT output, merged or adapter) or model.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")]
+
+
+def _training_command(stage: str, config: Path | None, base: str | None, output: str | None,
+                      set_: list[str] | None, resume: bool, overwrite: bool) -> None:
+    import importlib
+
+    cfg = _load(config, set_, base)
+    _quiet_libraries()
+    importlib.import_module(f"posttrain.stages.{stage}").run(cfg, base=base, output=output, resume=resume,
+                                                             overwrite=overwrite)
+
+
+@app.command()
+@user_errors
+def reward(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
+           resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+    """Reward model (a one-output sequence classifier) on preference pairs with TRL's RewardTrainer."""
+    _training_command("reward", config, base, output, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def ppo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
+        resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+    """PPO against the reward model with a KL penalty to the starting policy (posttrain's own PPO)."""
+    _training_command("ppo", config, base, output, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def rloo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
+         resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+    """RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions."""
+    _training_command("rloo", config, base, output, set_, resume, overwrite)
+
+
+@app.command()
+@user_errors
+def grpo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
+         resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+    """GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions."""
+    _training_command("grpo", config, base, output, set_, resume, overwrite)
+
+
 @app.command()
 @user_errors
 def merge(config: ConfigArg = None,
@@ -166,7 +212,7 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config holding the cha
         dry_run: Annotated[bool, typer.Option(
             "--dry-run", help="Validate the chain and show each stage's settings and a rendered sample.")] = False,
         ) -> None:
-    """Run the chain in stages: (format → sft → dpo → merge), skipping stages that are up to date."""
+    """Run the chain in stages: (format → sft → reward → ppo → dpo → merge), skipping stages that are up to date."""
     cfg = _load(config, set_)
     _quiet_libraries()
     from posttrain import chain

@@ -24,14 +24,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from posttrain.errors import PosttrainError, did_you_mean
 
-STAGES = ("format", "sft", "reward", "ppo", "dpo", "merge", "eval")
-AVAILABLE_STAGES = ("format", "sft", "dpo", "merge")
-MODEL_STAGES = ("sft", "dpo")  # training stages whose output the next stage starts from (reward/ppo: later issues)
-TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "dpo": "DPOConfig"}
+STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "eval")
+AVAILABLE_STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge")
+# Training stages whose output is the policy the next stage starts from. The reward stage is not
+# one: it branches off the policy, and the RL stages read it as their reward model.
+MODEL_STAGES = ("sft", "ppo", "rloo", "grpo", "dpo")
+RL_STAGES = ("ppo", "rloo", "grpo")  # stages that score samples with a reward model or function
+TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "reward": "RewardConfig", "rloo": "RLOOConfig",
+                             "grpo": "GRPOConfig", "dpo": "DPOConfig"}
 # Trainer fields that posttrain sets itself; setting them under `training:` would be ignored.
 OWNED_TRAINING_FIELDS = {
     "output_dir": "use --output or the top-level output_dir",
@@ -41,6 +45,8 @@ OWNED_TRAINING_FIELDS = {
     "pad_token": "set model.pad_token",
     "resume_from_checkpoint": "pass --resume on the command line",
     "precompute_ref_log_probs": "set dpo.reference: precomputed",
+    "reward_weights": "set weight on each entry of rewards:",
+    "reward_model_path": "set rewards: [{model: DIR}]",
 }
 
 
@@ -150,6 +156,121 @@ class DPOStageConfig(StageConfig):
     )
 
 
+class RewardStageConfig(StageConfig):
+    data: str = Field("preference", description="Name of the preference dataset under data:.")
+    init: str | None = Field(
+        None, description="Start the reward model from this causal LM (directory or Hub id) instead of the "
+        "policy the chain has at this point (the SFT stage)."
+    )
+    allow_template_mismatch: bool = Field(
+        False, description="Train although the starting model's recorded chat template or special tokens differ."
+    )
+    length_correlation_warning: float = Field(
+        0.5, ge=0.0, le=1.0, description="Warn when |correlation of score with response length| on held-out "
+        "responses is above this (a reward model that only likes long answers)."
+    )
+    tolerance: float = Field(
+        1e-4, gt=0.0, description="Largest |Δscore| accepted between reload, padding sides and batch mates."
+    )
+
+
+class RewardSource(Strict):
+    """One reward of an RL stage: a reward model, or a Python function (`module:function`)."""
+
+    model: str | None = Field(
+        None, description="Reward model directory (a finished reward stage) or Hub id. Unset with no function: "
+        "this config's reward stage (<output_dir>/reward)."
+    )
+    function: str | None = Field(
+        None, description="'module:function' called as f(prompts, completions, **columns) -> list[float]; "
+        "module is a file next to the config or an installed module."
+    )
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardSource:
+        if self.model is not None and self.function is not None:
+            raise ValueError("a reward is either a model or a function, not both")
+        if self.function is not None and not re.fullmatch(r"[\w.]+:\w+", self.function):
+            raise ValueError(f"reward function '{self.function}' is not 'module:function'")
+        return self
+
+
+class RewardGate(Strict):
+    """What an RL stage demands of a reward model before it optimises against one."""
+
+    min_reward_accuracy: float = Field(
+        0.7, ge=0.0, le=1.0, description="Refuse a reward model whose recorded held-out pairwise accuracy is lower "
+        "(a weak reward model gets exploited: its score rises while quality falls)."
+    )
+    allow_weak_reward_model: bool = Field(False, description="Go ahead below min_reward_accuracy (warns).")
+
+
+class PPOStageConfig(RewardGate):
+    """posttrain's own PPO (TRL has none since 1.13). Field names follow TRL's old PPOConfig where
+    one existed. Batch sizes are per process."""
+
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: str = Field("sft", description="Dataset under data: whose prompts are sampled (the conversation before "
+                      "the last assistant turn, or a preference pair's prompt).")
+    reward_model: str | None = Field(None, description="Reward model; default this config's reward stage.")
+    value_model: str | None = Field(None, description="Initial value model; default the reward model.")
+    steps: int = Field(100, ge=1, description="PPO iterations (one rollout batch and its updates each).")
+    batch_size: int = Field(16, ge=1, description="Prompts per rollout, per process.")
+    mini_batch_size: int = Field(8, ge=1, description="Rollouts per optimizer step, per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    learning_rate: float = Field(1e-5, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=1)
+    max_prompt_length: int = Field(256, ge=1, description="Longer prompts are dropped (listed in the summary).")
+    kl_coef: float = Field(0.05, ge=0.0, description="β of the per-token KL penalty (initial value when adaptive).")
+    kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL (Ziegler et al.): target KL per sequence.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon, in samples.")
+    kl_cap: float | None = Field(20.0, gt=0.0, description="Stop when the mean KL per sequence passes this.")
+    missing_eot_penalty: float | None = Field(
+        -1.0, description="Score given to responses that never emit the end-of-turn token (None: keep the score).")
+    normalize_reward: bool = Field(False, description="Shift and scale scores to mean 0, std 1 on the first rollout "
+                                   "(the SFT policy's samples), with those constants kept for the run.")
+    ptx_coef: float = Field(
+        0.0, ge=0.0, description="InstructGPT's PPO-ptx: add ptx_coef × the SFT loss on ptx_data (assistant tokens) "
+        "to every update, so PPO does not unlearn what SFT taught. 0 = plain PPO.")
+    ptx_data: str = Field("sft", description="Dataset (kind sft) for the ptx term.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    cliprange: float = Field(0.2, gt=0.0)
+    cliprange_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    logging_steps: int = Field(1, ge=1)
+    sample_every: int = Field(10, ge=1, description="Print and keep sample responses every N iterations.")
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PPOStageConfig:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"ppo.batch_size {self.batch_size} is not a multiple of ppo.mini_batch_size "
+                             f"{self.mini_batch_size}")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"ppo.mini_batch_size {self.mini_batch_size} is not a multiple of "
+                             f"ppo.gradient_accumulation_steps {self.gradient_accumulation_steps}")
+        return self
+
+
+class OnlineStageConfig(StageConfig, RewardGate):
+    """RLOO / GRPO through TRL's trainers: prompts from data:, rewards from models and/or functions."""
+
+    data: str = Field("sft", description="Dataset under data: whose prompts are sampled.")
+    rewards: list[RewardSource] = Field(
+        default_factory=lambda: [RewardSource()], min_length=1,
+        description="Rewards, summed with their weights. Default: this config's reward stage.",
+    )
+    allow_template_mismatch: bool = False
+
+
 class MergeStageConfig(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the merged weights; auto = the dtype of the base's config (fp32 if unknown)."
@@ -174,15 +295,22 @@ class Config(Strict):
     model: ModelConfig
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     data: dict[str, DataConfig] = Field(default_factory=dict)
-    stages: list[Literal["format", "sft", "reward", "ppo", "dpo", "merge", "eval"]] = Field(
+    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "eval"]] = Field(
         default_factory=lambda: ["format", "sft"]
     )
     output_dir: str = "runs/posttrain"
     seed: int = 42
     format: FormatStageConfig = Field(default_factory=FormatStageConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
+    ppo: PPOStageConfig = Field(default_factory=PPOStageConfig)
+    rloo: OnlineStageConfig = Field(default_factory=OnlineStageConfig)
+    grpo: OnlineStageConfig = Field(default_factory=OnlineStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     merge: MergeStageConfig = Field(default_factory=MergeStageConfig)
+    # The directory of the YAML file: reward functions (`module:function`) are imported from there
+    # or from installed packages, nowhere else.
+    _source_dir: str | None = PrivateAttr(None)
 
     @field_validator("stages")
     @classmethod
@@ -196,12 +324,19 @@ class Config(Strict):
                              f"(available: {', '.join(AVAILABLE_STAGES)})")
         return v
 
+    def uses_reward_stage(self, stage: str) -> bool:
+        """Whether an RL stage scores with this config's reward stage (<output_dir>/reward)."""
+        if stage == "ppo":
+            return self.ppo.reward_model is None
+        return any(r.model is None and r.function is None for r in getattr(self, stage).rewards)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         unknown = [n for n in self.format.datasets or [] if n not in self.data]
         if unknown:
             raise ValueError(f"format.datasets names {unknown}, which are not under data:")
-        for stage, want in (("sft", "sft"), ("dpo", "preference")):
+        for stage, want in (("sft", "sft"), ("reward", "preference"), ("ppo", None), ("rloo", None),
+                            ("grpo", None), ("dpo", "preference")):
             section = getattr(self, stage)
             if stage not in self.stages and section.data not in self.data:
                 continue
@@ -209,7 +344,7 @@ class Config(Strict):
                 near = did_you_mean(section.data, self.data)
                 hint = f"did you mean '{near}'?" if near else f"add a data.{section.data} section"
                 raise ValueError(f"{stage}.data names dataset '{section.data}', which is not under data: ({hint})")
-            if self.data[section.data].kind != want:
+            if want is not None and self.data[section.data].kind != want:
                 raise ValueError(
                     f"{stage}.data '{section.data}' has kind '{self.data[section.data].kind}', "
                     f"but {stage} needs kind '{want}'"
@@ -217,6 +352,13 @@ class Config(Strict):
         if self.dpo.reference == "adapter_disabled" and self.dpo.method == "full":
             raise ValueError("dpo.reference 'adapter_disabled' needs dpo.method lora or qlora (a full model has "
                              "no adapter to disable); use reference 'copy'")
+        if self.ppo.ptx_coef > 0 and (self.ppo.ptx_data not in self.data or self.data[self.ppo.ptx_data].kind != "sft"):
+            raise ValueError(f"ppo.ptx_coef > 0 needs ppo.ptx_data to name a dataset of kind sft under data: "
+                             f"('{self.ppo.ptx_data}' is not one)")
+        for stage in RL_STAGES:
+            if stage in self.stages and self.uses_reward_stage(stage) and "reward" not in self.stages:
+                raise ValueError(f"{stage} scores with this config's reward stage, but stages has no reward before it "
+                                 f"(add reward to stages, or name a reward model or function in {stage})")
         if "merge" in self.stages:
             before = [s for s in self.stages[: self.stages.index("merge")] if s in MODEL_STAGES]
             if not before:
@@ -256,7 +398,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         _line_map(node, (), lines)
     for item in overrides or []:
         _apply_override(raw, item, lines)
-    return validate_dict(raw, where=where, lines=lines)
+    cfg = validate_dict(raw, where=where, lines=lines)
+    if path is not None:
+        cfg._source_dir = str(Path(path).resolve().parent)
+    return cfg
 
 
 class _Loader(yaml.SafeLoader):
@@ -494,7 +639,7 @@ def _check_cross_training(cfg: Config, where: str) -> None:
     if weights is not None and len(weights) != len(loss_type):
         raise PosttrainError(f"dpo.training.loss_weights has {len(weights)} weights for {len(loss_type)} loss types",
                              where=where, fix="give one weight per entry of loss_type")
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "reward", "rloo", "grpo", "dpo"):
         tr = getattr(cfg, stage).training
         if tr.get("bf16") and tr.get("fp16"):
             raise PosttrainError(f"{stage}.training sets both bf16 and fp16", where=where, fix="choose one")

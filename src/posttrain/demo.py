@@ -5,7 +5,9 @@ verbosely ("Well, I think the answer is 84."). SFT data mixes both styles, so th
 learns the skill and produces both styles; preference pairs prefer the concise one (and a
 correct sum over a sum off by one digit), so the later stages (reward model, PPO, DPO) have a
 preference to learn that a tiny model can judge. Exact match (the answer's last number equals
-the sum) measures the skill; `concise` measures the style. Held-out prompts use (a, b) pairs
+the sum) measures the skill; `concise` measures the style. The reward model's pairs are style only
+(concise over verbose, both correct): that is what a tiny reward model can judge, and what PPO
+then optimises; exact match shows whether the skill survives it. Held-out prompts use (a, b) pairs
 that no training row contains. Deterministic from the seed.
 """
 
@@ -17,7 +19,8 @@ import re
 from pathlib import Path
 
 CONCISE_SHARE = 0.6
-SPLITS = {"sft_train": 4000, "sft_eval": 500, "pref_train": 2000, "pref_eval": 300}
+SPLITS = {"sft_train": 4000, "sft_eval": 500, "pref_train": 2000, "pref_eval": 300,
+          "reward_train": 1000, "reward_eval": 200}
 NUMBER = re.compile(r"-?\d+")
 CONCISE = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\s*$")
 
@@ -73,6 +76,14 @@ def make_rows(seed: int = 0) -> dict[str, list[dict]]:
     pref_pool = pool[SPLITS["sft_train"]:] + pool[: SPLITS["sft_train"]]
     out["pref_train"] = [pref(a, b) for a, b in pref_pool[: SPLITS["pref_train"]]]
     out["pref_eval"] = [pref(a, b) for a, b in held_out[SPLITS["sft_eval"]:]]
+
+    # The reward model's pairs are about style only: a tiny model can judge how an answer is given
+    # (concise vs verbose) far better than whether a sum is right (pairwise accuracy ~0.6).
+    def style(a: int, b: int) -> dict:
+        return {"prompt": question(a, b), "chosen": concise(a, b), "rejected": verbose(a, b)}
+
+    out["reward_train"] = [style(a, b) for a, b in pool[: SPLITS["reward_train"]]]
+    out["reward_eval"] = [style(a, b) for a, b in held_out[SPLITS["sft_eval"]:][: SPLITS["reward_eval"]]]
     return out
 
 
@@ -108,8 +119,28 @@ def score(prompt: str, response: str) -> dict[str, float]:
     return {"exact": exact, "concise": float(bool(m) and (int(m[1]), int(m[2])) == (a, b))}
 
 
-def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_size: int = 64) -> dict[str, float]:
-    """Greedy answers of the model in `model_dir` to the first `n` held-out prompts, scored.
+def exact_reward(prompts, completions, **kwargs) -> list[float]:
+    """Verifier reward for GRPO/RLOO on the demo task (`posttrain.demo:exact_reward`): 1.0 when the
+    answer's last number is the sum asked for, else 0.0. Takes TRL's conversational or text form."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    return [score(text(p), text(c))["exact"] for p, c in zip(prompts, completions, strict=True)]
+
+
+def concise_reward(prompts, completions, **kwargs) -> list[float]:
+    """The demo's style as a function (`posttrain.demo:concise_reward`): 1.0 for "a + b = s"."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    return [score(text(p), text(c))["concise"] for p, c in zip(prompts, completions, strict=True)]
+
+
+def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_size: int = 64,
+             sample: bool = False, seed: int = 0) -> dict[str, float]:
+    """Greedy (or, with `sample`, temperature-1 sampled) answers of the model in `model_dir` to the
+    first `n` held-out prompts, scored. Sampling shows the policy's whole distribution: a model
+    that answers concisely 60% of the time can still be 100% concise greedily.
 
     Returns mean exact match, mean concise-style share, and the share of answers that ended with
     the end-of-turn token (a model that never stops is broken however right its digits are).
@@ -126,13 +157,15 @@ def evaluate(model_dir: str | Path, eval_file: str | Path, n: int = 200, batch_s
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines()[:n]]
     prompts = [r["messages"][0]["content"] for r in rows]
     totals = {"exact": 0.0, "concise": 0.0, "ended": 0.0}
+    torch.manual_seed(seed)
+    decoding = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=eot,
+            out = model.generate(**enc, max_new_tokens=24, **decoding, eos_token_id=eot,
                                  pad_token_id=tok.pad_token_id)
         for p, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
             ids = ids.tolist()
@@ -199,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs:
         print("preference accuracy: share of held-out pairs where log p(chosen) > log p(rejected) "
               "(style: concise vs verbose; correct: right sum vs off by one digit)")
-    head = f"{'model':<22} {'exact match':>11} {'concise':>8} {'ended':>6}"
+    print("sampled: temperature 1, the distribution PPO optimises (greedy decoding can hide it)")
+    head = f"{'model':<22} {'exact match':>11} {'concise':>8} {'ended':>6} {'sampled: exact':>14} {'concise':>8}"
     print(head + (f" {'pref (style / correct)':>23}" if args.pairs else ""))
     for m in args.models:
         r = evaluate(m, args.eval_file, args.n)
-        row = f"{str(m):<22} {r['exact']:>11.1%} {r['concise']:>8.1%} {r['ended']:>6.0%}"
+        s = evaluate(m, args.eval_file, args.n, sample=True)
+        row = (f"{str(m):<22} {r['exact']:>11.1%} {r['concise']:>8.1%} {r['ended']:>6.0%} {s['exact']:>14.1%} "
+               f"{s['concise']:>8.1%}")
         if args.pairs:
             p = preference_accuracy(m, args.pairs)
             row += f" {p['all']:>8.1%} ({p['style']:.0%} / {p['correct']:.0%})"

@@ -28,6 +28,27 @@ def datasets_of(cfg: Config, stage: str) -> list[str]:
     return [name] if name in cfg.data else []
 
 
+def reward_models_of(cfg: Config, stage: str) -> list[str]:
+    """The reward-model directories an RL stage reads (this config's reward stage or named ones):
+    part of its key, so a retrained reward model reruns the stage."""
+    from posttrain.config import RL_STAGES
+
+    if stage not in RL_STAGES:
+        return []
+    chain_rm = str(Path(cfg.output_dir) / "reward")
+    if stage == "ppo":
+        return [cfg.ppo.reward_model or chain_rm] + ([cfg.ppo.value_model] if cfg.ppo.value_model else [])
+    return [r.model or chain_rm for r in getattr(cfg, stage).rewards if r.function is None]
+
+
+def reward_functions_of(cfg: Config, stage: str) -> list[str]:
+    from posttrain.config import RL_STAGES
+
+    if stage not in RL_STAGES or stage == "ppo":
+        return []
+    return [r.function for r in getattr(cfg, stage).rewards if r.function is not None]
+
+
 def parent_record(source: str | None) -> dict | None:
     """The parent as recorded in a manifest: path, a hash of its identifying files, its stage."""
     if source is None:
@@ -60,8 +81,13 @@ def stage_key(cfg: Config, stage: str, parent: str | None) -> str:
             for f in sorted(p.rglob("*")) if p.is_dir() else [p] if p.is_file() else []:
                 if f.is_file():
                     files[str(f)] = file_hash(f)
+    for spec in reward_functions_of(cfg, stage):
+        module = Path(cfg._source_dir or ".", *spec.split(":")[0].split(".")).with_suffix(".py")
+        if module.is_file():  # a reward function next to the config: its code decides the output
+            files[str(module)] = file_hash(module)
     parent_info = parent_record(parent)
-    blob = json.dumps([relevant, files, parent_info and [parent_info["path"], parent_info["hash"]]],
+    readers = [[r["path"], r["hash"]] for r in map(parent_record, reward_models_of(cfg, stage))]
+    blob = json.dumps([relevant, files, parent_info and [parent_info["path"], parent_info["hash"]], *readers],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -219,6 +219,53 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     return apply_lora(model, lora, quantized=method == "qlora", train_embeddings=grew)
 
 
+def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
+    """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
+    head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
+    adapter, safeguard #21) or QLoRA. An SFT LoRA adapter as `source` is merged in memory first."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    _check_source(source, "model")
+    dtype = torch_dtype(cfg.model.dtype)
+    if adapter_base(source) is not None:
+        if method == "qlora":
+            raise PosttrainError(f"a QLoRA reward model can't start from '{source}', a LoRA adapter",
+                                 fix="merge the adapter first (posttrain merge) and start from the merged model")
+        causal = load_causal_lm(cfg, source, "full", lora, tok)  # the adapter merged into its base
+        config = causal.config
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        body = getattr(model, model.base_model_prefix)
+        body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+        del causal
+    else:
+        kwargs = {"dtype": dtype, "num_labels": 1, "revision": cfg.model.revision,
+                  "trust_remote_code": cfg.model.trust_remote_code}
+        if cfg.model.attn_implementation:
+            kwargs["attn_implementation"] = cfg.model.attn_implementation
+        if method == "qlora":
+            kwargs["quantization_config"] = _bnb_config(dtype)
+            if torch.cuda.is_available():
+                kwargs["device_map"] = {"": torch.cuda.current_device()}
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as e:
+            raise _hub_error(source, e) from None
+    grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if grew:
+        model.resize_token_embeddings(len(tok.tokenizer))
+    model.config.pad_token_id = tok.tokenizer.pad_token_id  # the score is read at the last non-pad token
+    if method == "full":
+        return model
+    if method == "qlora":
+        disable_bnb_cpu_repack(model)
+        model = prepare_kbit(model)
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, lora, train_embeddings=grew, task_type="SEQ_CLS"))
+
+
 def prepare_kbit(model):
     from peft import prepare_model_for_kbit_training
 
@@ -229,8 +276,8 @@ def _with_adapter(model, adapter: str, method: str):
     """Apply a trained adapter: merged into the weights (full training) or kept trainable."""
     from peft import PeftModel
 
-    if method == "full":
-        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if method == "full":  # merge_and_unload leaves every parameter frozen: full training needs them trainable
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload().requires_grad_(True)
     if method == "qlora":
         model = prepare_kbit(model)
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)
@@ -286,7 +333,7 @@ def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bo
     return get_peft_model(model, lora_config(model, lora, train_embeddings=train_embeddings))
 
 
-def lora_config(model, lora: LoraConfig, *, train_embeddings: bool):
+def lora_config(model, lora: LoraConfig, *, train_embeddings: bool, task_type: str = "CAUSAL_LM"):
     """PEFT's LoraConfig for `model`; every target pattern must match a module (#19)."""
     from peft import LoraConfig as PeftLoraConfig
 
@@ -300,14 +347,17 @@ def lora_config(model, lora: LoraConfig, *, train_embeddings: bool):
             )
     to_save = list(lora.modules_to_save)
     if train_embeddings:
-        to_save += [m for m in ("embed_tokens", "lm_head") if m not in to_save]
+        to_save += [m for m in ("embed_tokens", "lm_head") if m not in to_save and m in {n.rsplit(".", 1)[-1]
+                                                                                           for n in names}]
+    if task_type == "SEQ_CLS" and "score" not in to_save:
+        to_save.append("score")  # the new head is trained in full and saved with the adapter
     return PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         modules_to_save=to_save or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

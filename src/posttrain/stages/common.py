@@ -30,6 +30,22 @@ def resolve_base(base: str, *, allow_adapter: bool = False) -> str:
     return base
 
 
+def default_base(cfg: Config, stage: str) -> str:
+    """Without --base: the output of the last policy stage before `stage` in this config's chain
+    (it must be finished), else model.name_or_path."""
+    stages = cfg.stages[: cfg.stages.index(stage)] if stage in cfg.stages else cfg.stages
+    before = [s for s in stages if s in config_mod.MODEL_STAGES and s != stage]
+    if not before:
+        return cfg.model.name_or_path
+    d = Path(cfg.output_dir) / before[-1]
+    if not manifest.is_finished(d):
+        raise PosttrainError(
+            f"{stage} starts from the {before[-1]} stage, and '{d}' holds no finished {before[-1]} stage",
+            fix=f"run `posttrain {before[-1]}` first, pass --base, or remove {before[-1]} from stages",
+        )
+    return str(d)
+
+
 def check_output(out: Path, source: str, *, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to write over the base or a finished stage; the checkpoint to resume from, if asked."""
     last = last_checkpoint(out) if resume else None
@@ -94,11 +110,27 @@ def save(trainer, out: Path, cfg: Config, tok: models.TokenizerInfo, method: str
     trainer.save_model(str(out))  # syncs the ranks
     if not trainer.is_world_process_zero():
         return False
+    save_extras(trainer.model, out, cfg, tok, method)
+    return True
+
+
+def save_extras(model, out: Path, cfg: Config, tok: models.TokenizerInfo, method: str) -> None:
+    """Everything saved next to the weights, then the re-open checks."""
     tok.tokenizer.save_pretrained(str(out))
-    trainer.model.generation_config.save_pretrained(str(out))
+    generation_config = getattr(model, "generation_config", None)  # none on a reward model
+    if generation_config is not None:
+        generation_config.save_pretrained(str(out))
     (out / "config.resolved.yaml").write_text(config_mod.dump_yaml(cfg))
     check_saved(out, tok, method)
-    return True
+
+
+def drop_reference_adapter(out: Path) -> None:
+    """PEFT saves every adapter of the model; TRL's frozen reference copy ("ref") is not an output."""
+    import shutil
+
+    ref = out / "ref"
+    if (ref / "adapter_config.json").is_file():
+        shutil.rmtree(ref)
 
 
 def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo, *, parent: str, key: str,

@@ -46,7 +46,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
                              fix=f"add data.{dc.data} with kind: preference (or pass a config file that has one)")
 
     # 1. where DPO starts
-    source = common.resolve_base(base or default_base(cfg), allow_adapter=True)
+    source = common.resolve_base(base or common.default_base(cfg, "dpo"), allow_adapter=True)
     last_checkpoint = common.check_output(out, source, resume=resume, overwrite=overwrite)
     continues_adapter = models.adapter_base(source) is not None and dc.method != "full"
     if continues_adapter and dc.reference == "adapter_disabled":
@@ -105,7 +105,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 6. save, re-open, check, manifest
     if not common.save(trainer, out, cfg, tok, dc.method):
         return out
-    _drop_reference_adapter(out)
+    common.drop_reference_adapter(out)
     state = trainer.state
     runtime = result.metrics.get("train_runtime", time.time() - t0)
     metrics = {
@@ -155,19 +155,6 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     return out
 
 
-def default_base(cfg: Config) -> str:
-    """Without --base: this config's SFT output when the chain has SFT, else the configured model."""
-    if "sft" not in cfg.stages:
-        return cfg.model.name_or_path
-    sft_dir = Path(cfg.output_dir) / "sft"
-    if not manifest.is_finished(sft_dir):
-        raise PosttrainError(
-            f"DPO starts from the SFT stage, and '{sft_dir}' holds no finished SFT stage",
-            fix="run `posttrain sft` first, pass --base, or remove sft from stages to start from model.name_or_path",
-        )
-    return str(sft_dir)
-
-
 def reference_model(model, method: str, mode: str, continues_adapter: bool):
     """The reference DPO compares against, and how it is described in the manifest."""
     if mode == "precomputed":
@@ -181,15 +168,6 @@ def reference_model(model, method: str, mode: str, continues_adapter: bool):
     if mode == "copy":
         return None, "frozen copy of the new, zero-initialised adapter (= the starting model)"
     return None, "the starting model with the new LoRA adapter disabled"
-
-
-def _drop_reference_adapter(out: Path) -> None:
-    """PEFT saves every adapter of the model; TRL's frozen reference copy ("ref") is not an output."""
-    import shutil
-
-    ref = out / "ref"
-    if (ref / "adapter_config.json").is_file():
-        shutil.rmtree(ref)
 
 
 def check_step0(m: dict, args, tolerance: float) -> None:

@@ -1,0 +1,167 @@
+"""Rollouts for PPO: prompts → left-padded queries, sampled responses cut at the end-of-turn token,
+and the forward pass that gives per-token log-probs and values of prompt+response.
+
+Shapes: queries [B, Lq] left-padded; responses [B, Lr] right-padded; `mask` [B, Lr] is 1 on
+real response tokens up to and including the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from posttrain.rl import core
+
+
+@dataclass
+class Batch:
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    ended: torch.Tensor  # [B] bool: the response emitted the end-of-turn token
+
+    def select(self, idx: torch.Tensor) -> Batch:
+        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx])
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def cut_at_end_of_turn(generated: torch.Tensor, eot_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Everything after the first end-of-turn token becomes padding. Returns (tokens, mask, ended)."""
+    is_eot = generated == eot_id
+    ended = is_eot.any(1)
+    first = torch.where(ended, is_eot.float().argmax(1), torch.full_like(ended, generated.shape[1], dtype=torch.long))
+    positions = torch.arange(generated.shape[1], device=generated.device)[None, :]
+    mask = (positions <= first[:, None]).long()
+    return torch.where(mask.bool(), generated, torch.full_like(generated, pad_id)), mask, ended
+
+
+@torch.no_grad()
+def sample(policy, queries: torch.Tensor, query_mask: torch.Tensor, *, eot_id: int, pad_id: int,
+           temperature: float, top_p: float, max_new_tokens: int) -> Batch:
+    out = policy.generate(
+        input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=temperature, top_p=top_p,
+        top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
+    )
+    generated = out[:, queries.shape[1]:]
+    if generated.shape[1] == 0:
+        generated = torch.full((queries.shape[0], 1), pad_id, dtype=torch.long, device=queries.device)
+    responses, mask, ended = cut_at_end_of_turn(generated, eot_id, pad_id)
+    return Batch(queries, query_mask, responses, mask, ended)
+
+
+def _inputs(batch: Batch) -> dict:
+    ids = torch.cat([batch.queries, batch.responses], 1)
+    attn = torch.cat([batch.query_mask, batch.mask], 1)
+    positions = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": positions, "use_cache": False}
+
+
+def response_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits that predict each response token (the position before it)."""
+    logits = model(**_inputs(batch)).logits
+    return logits[:, batch.queries.shape[1] - 1: -1]
+
+
+def response_logprobs(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = response_logits(model, batch)
+    return core.logprobs_from_logits(logits, batch.responses, temperature), \
+        core.entropy_from_logits(logits, temperature)
+
+
+class ValueModel(nn.Module):
+    """A value per token from a sequence classifier (initialised from the reward model): its
+    backbone's hidden states through its one-output `score` head, at every position."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def _parts(self):
+        inner = self.classifier
+        if hasattr(inner, "get_base_model"):  # PEFT: LoRA layers live inside the base model's modules
+            inner = inner.get_base_model()
+        return getattr(inner, inner.base_model_prefix), inner.score
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        body, head = self._parts()
+        inputs = _inputs(batch)
+        hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      position_ids=inputs["position_ids"], use_cache=False).last_hidden_state
+        values = head(hidden).squeeze(-1).float()
+        return values[:, batch.queries.shape[1] - 1: -1]
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained models as one module: one optimizer, one DDP wrapper, one checkpoint."""
+
+    def __init__(self, policy, value: ValueModel):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, batch: Batch, temperature: float, ptx: tuple | None = None):
+        """Response log-probs, entropy and values; with `ptx` = (input_ids, attention_mask, labels)
+        also the SFT loss on those conversations (inside forward, so DDP syncs its gradients)."""
+        logits = response_logits(self.policy, batch)
+        logp = core.logprobs_from_logits(logits, batch.responses, temperature)
+        entropy = core.entropy_from_logits(logits, temperature)
+        ptx_loss = None
+        if ptx is not None:
+            ids, attn, labels = ptx
+            ptx_logits = self.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+            ptx_loss = nn.functional.cross_entropy(ptx_logits.float().flatten(0, 1), labels[:, 1:].flatten(),
+                                                   ignore_index=-100)
+        return logp, entropy, self.value(batch), ptx_loss
+
+
+def sft_examples(tokenizer, conversations: list[list[dict]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation: labels are -100 outside assistant tokens (PPO-ptx)."""
+    out = []
+    for msgs in conversations:
+        r = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(r["input_ids"])[:max_length]
+        out.append((ids, [t if k else -100 for t, k in zip(ids, r["assistant_masks"][:max_length], strict=True)]))
+    return out
+
+
+def right_pad_sft(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)], labels[i, :len(y)], attn[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, attn, labels
+
+
+def reward_sequences(batch: Batch, suffix: list[int]) -> list[list[int]]:
+    """What the reward model reads: the prompt, the response through end-of-turn, and what the chat
+    template writes after an assistant turn (so it sees text rendered as in its training pairs)."""
+    out = []
+    for q, qm, r, m, ended in zip(batch.queries.tolist(), batch.query_mask.tolist(), batch.responses.tolist(),
+                                  batch.mask.tolist(), batch.ended.tolist(), strict=True):
+        seq = [t for t, k in zip(q, qm, strict=True) if k] + [t for t, k in zip(r, m, strict=True) if k]
+        out.append(seq + (suffix if ended else []))
+    return out
+
+
+def template_suffix(tokenizer, eot_id: int) -> list[int]:
+    """Tokens the chat template writes after the end-of-turn token of an assistant message."""
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = len(ids) - 1 - ids[::-1].index(eot_id)
+    return ids[last + 1:]

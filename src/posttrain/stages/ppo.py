@@ -1,0 +1,497 @@
+"""`posttrain ppo`: RLHF with PPO against the reward model, written in this project (TRL removed its
+PPOTrainer in 1.13). The algorithm and its details are in docs/ppo.md; the arithmetic is in
+rl/core.py, sampling and the forward passes in rl/rollout.py.
+
+Reads top to bottom:
+ 1. the policy: --base, else the chain's policy before this stage (the SFT output);
+    the reward model: ppo.reward_model, else this config's reward stage;
+ 2. before any weights load: the reward model passes the accuracy gate, and policy and reward
+    model share tokenizer, chat template and special tokens; prompts from the formatted data;
+ 3. four models, all with dropout off: policy (trained), reference (a frozen copy of the
+    starting policy, or the policy with its new LoRA adapter disabled), reward model (frozen),
+    value model (trained, initialised from the reward model); under accelerate, the policy and
+    value model are one prepared module;
+ 4. the loop: rollout → log-probs, reference log-probs, values → scores at the last real token
+    (penalty for responses that never end) → per-token rewards with the KL penalty → GAE →
+    whitened advantages → ppo_epochs of clipped updates over minibatches → KL coefficient;
+    the first update's ratio must be 1; stops on NaN, a KL cap, or identical responses;
+ 5. checkpoints every save_steps (resume continues with the same data order and random state);
+    the policy (full or adapter) is saved with tokenizer, template and manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from posttrain import lineage, manifest, models
+from posttrain.config import Config, PPOStageConfig, stage_output
+from posttrain.console import console, fmt, peak_memory_mb, summary
+from posttrain.errors import PosttrainError
+from posttrain.rl import rewards
+from posttrain.rl.prompts import prompt_data
+from posttrain.stages import common
+
+FIRST_RATIO_TOLERANCE = 1e-3  # max |ratio - 1| allowed at the first minibatch (before any update)
+SAMPLES_SHOWN = 2
+
+
+def run(cfg: Config, *, base: str | None = None, output: str | None = None,
+        resume: bool = False, overwrite: bool = False) -> Path:
+    started, t0 = manifest.now(), time.time()
+    pc = cfg.ppo
+    out = stage_output(cfg, "ppo", output)
+
+    # 1. where PPO starts, and what it optimises
+    source = common.resolve_base(base or common.default_base(cfg, "ppo"), allow_adapter=True)
+    last_checkpoint = common.check_output(out, source, resume=resume, overwrite=overwrite)
+    rm_path = rewards.resolve_reward_model(pc.reward_model or rewards.chain_reward_dir(cfg), "ppo")
+    value_path = pc.value_model or rm_path
+    key = lineage.stage_key(cfg, "ppo", source)
+
+    # 2. checks before any weights load
+    rm_accuracy = rewards.check_gate(rm_path, pc, "ppo")
+    tok = models.load_tokenizer(cfg, source, need_masks=pc.ptx_coef > 0)
+    common.check_agrees_with_parent(source, tok, allow=False, setting="(no override)")
+    for path in {rm_path, value_path}:
+        rewards.check_same_tokenizer(tok, path, "ppo")
+    train_ds, _, data_record = prompt_data(cfg, pc.data, tok)
+    queries, dropped = _tokenize_prompts(train_ds, tok.tokenizer, pc.max_prompt_length)
+    ptx = _ptx_examples(cfg, pc, tok)
+
+    # 3. the four models
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from posttrain.rl import rollout
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed + accelerator.process_index)
+    if accelerator.is_main_process:
+        manifest.prepare_output(out, overwrite=True, resume=resume)
+        lineage.mark_started(out, key)
+    accelerator.wait_for_everyone()
+    policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
+    reference, ref_kind = _reference(cfg, source, policy, pc, tok)
+    reward_model = rewards.load_reward_model(rm_path).to(accelerator.device)
+    value = rollout.ValueModel(_value_classifier(cfg, value_path, pc))
+    for m in (policy, value, reward_model, reference):
+        if m is not None:
+            m.eval()  # dropout off everywhere: rollout and update log-probs must agree (N+ detail)
+    model = rollout.PolicyAndValue(policy, value)
+    trainable, total = models.trainable_parameters(policy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pc.learning_rate, eps=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if reference is not None:
+        reference.to(accelerator.device)
+    loop = Loop(cfg, pc, accelerator, model, optimizer, reference, reward_model, tok, queries, out, ptx)
+    if last_checkpoint:
+        loop.load(last_checkpoint)
+
+    # 4. train
+    loop.train()
+
+    # 5. save the policy, re-open, manifest
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return out
+    policy = accelerator.unwrap_model(model).policy
+    policy.save_pretrained(str(out), safe_serialization=True)
+    common.save_extras(policy, out, cfg, tok, pc.method)
+    metrics = loop.summary_metrics()
+    metrics.update({
+        "prompts": len(queries),
+        "prompts_dropped_too_long": dropped,
+        "wall_time_s": round(time.time() - t0, 2),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "processes": accelerator.num_processes,
+    })
+    common.write_manifest(
+        out, "ppo", cfg, tok, parent=source, key=key, started=started,
+        method=pc.method,
+        reference=ref_kind,
+        reward_model={"path": rm_path, "accuracy": rm_accuracy, **(lineage.parent_record(rm_path) or {})},
+        value_model_init=value_path,
+        adapter_base=common.adapter_base_of(source, pc.method),
+        data=data_record,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        metrics=metrics,
+        resumed_from=str(last_checkpoint) if last_checkpoint else None,
+    )
+    summary("ppo", {
+        "method": f"{pc.method} ({trainable:,} of {total:,} policy parameters trained)",
+        "reference": ref_kind,
+        "reward model": f"{rm_path} (accuracy {fmt(rm_accuracy)})",
+        "iterations": metrics["steps"],
+        "score (first → last)": f"{fmt(metrics['score_first'])} → {fmt(metrics['score_last'])}",
+        "KL per response (last)": metrics["kl_last"],
+        "responses that ended (first → last)": f"{fmt(metrics['ended_first'])} → {fmt(metrics['ended_last'])}",
+        "first update": "ratio 1 (policy and rollout agree)" if loop.first_ratio_checked else "resumed",
+        "rollout (generation) / update time": f"{metrics['rollout_s']:.1f} s ({metrics['generate_s']:.1f} s) / "
+        f"{metrics['update_s']:.1f} s",
+        "generated tokens/s": metrics["rollout_tokens_per_s"],
+        "wall time": f"{metrics['wall_time_s']:.1f} s",
+        "output": str(out),
+    })
+    common.finished(out)
+    return out
+
+
+def _tokenize_prompts(ds, tokenizer, max_len: int) -> tuple[list[list[int]], int]:
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in ds["prompt"]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    kept = [x for x in ids if len(x) <= max_len]
+    if not kept:
+        raise PosttrainError(f"every prompt is longer than ppo.max_prompt_length {max_len} tokens",
+                             fix="raise ppo.max_prompt_length")
+    return kept, len(ids) - len(kept)
+
+
+def _ptx_examples(cfg: Config, pc: PPOStageConfig, tok) -> list | None:
+    """SFT conversations for PPO-ptx, tokenized with their assistant-token labels."""
+    if pc.ptx_coef == 0:
+        return None
+    from posttrain.rl import rollout
+    from posttrain.stages import format as format_stage
+
+    train, _, _ = format_stage.stage_data(cfg, pc.ptx_data, tok)
+    return rollout.sft_examples(tok.tokenizer, train["messages"], cfg.sft.training.get("max_length", 1024))
+
+
+def _reference(cfg: Config, source: str, policy, pc: PPOStageConfig, tok):
+    """The frozen model the KL penalty is measured against: always the starting policy."""
+    if pc.method == "full":
+        ref = copy.deepcopy(policy)
+        ref.requires_grad_(False)
+        return ref, "frozen copy of the starting policy"
+    if models.adapter_base(source) is not None:  # the policy continues an SFT adapter
+        ref = models.load_causal_lm(cfg, source, "full", pc.lora, tok)  # that adapter merged: the SFT model
+        ref.requires_grad_(False)
+        return ref, "the starting (SFT) adapter merged into its base, frozen"
+    return None, "the policy with its new LoRA adapter disabled"
+
+
+def _value_classifier(cfg: Config, path: str, pc: PPOStageConfig):
+    """The value model starts as the reward model: trained in full, or through its own LoRA adapter
+    (the score head trained in full) when the policy is LoRA/QLoRA."""
+    model = rewards.load_reward_model(path)
+    if pc.method == "full":
+        return model.requires_grad_(True)
+    from peft import get_peft_model
+
+    return get_peft_model(model, models.lora_config(model, pc.lora, train_embeddings=False, task_type="SEQ_CLS"))
+
+
+class Loop:
+    """The PPO iterations, their checkpoints and their logs."""
+
+    def __init__(self, cfg, pc: PPOStageConfig, accelerator, model, optimizer, reference, reward_model, tok,
+                 queries: list[list[int]], out: Path, ptx: list | None = None):
+        from posttrain.rl import core, rollout
+
+        self.cfg, self.pc, self.acc = cfg, pc, accelerator
+        self.model, self.optimizer, self.reference, self.reward_model = model, optimizer, reference, reward_model
+        self.tok, self.queries, self.out, self.ptx = tok, queries, out, ptx
+        self.kl = core.KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
+        self.suffix = rollout.template_suffix(tok.tokenizer, tok.eot_id)
+        self.start, self.history, self.norm = 0, [], None
+        self.first_ratio_checked = False
+        self.rollout_s = self.update_s = self.generate_s = self.tokens = 0.0
+
+    # -- data order: a permutation per pass over the prompts, from the seed alone (resumable)
+    def prompts_for(self, it: int) -> list[list[int]]:
+        import torch
+
+        per_iter = self.pc.batch_size * self.acc.num_processes
+        first = it * per_iter + self.acc.process_index * self.pc.batch_size
+        out = []
+        for k in range(first, first + self.pc.batch_size):
+            epoch, pos = divmod(k, len(self.queries))
+            perm = torch.randperm(len(self.queries), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            out.append(self.queries[perm[pos]])
+        return out
+
+    def train(self) -> None:
+        for it in range(self.start, self.pc.steps):
+            stats, samples = self.step(it)
+            self.history.append({"step": it + 1, **stats})
+            if self.acc.is_main_process:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(self.history[-1]) + "\n")
+                if (it + 1) % self.pc.logging_steps == 0 or it == 0:
+                    console.print(f"ppo {it + 1}/{self.pc.steps}  " + "  ".join(
+                        f"{k} {fmt(round(v, 4))}" for k, v in stats.items() if k in LOGGED))
+                if it == 0 or (it + 1) % self.pc.sample_every == 0:
+                    self.show_samples(it + 1, samples)
+            self.check_health(it + 1, stats, samples)
+            if (it + 1) % self.pc.save_steps == 0 and it + 1 < self.pc.steps:
+                self.save(it + 1)
+
+    def step(self, it: int) -> tuple[dict, list]:
+        import torch
+
+        from posttrain.rl import core, rollout
+
+        pc, acc, tok = self.pc, self.acc, self.tok
+        unwrapped = acc.unwrap_model(self.model)
+        pad, eot = tok.tokenizer.pad_token_id, tok.eot_id
+        reduce = _sum_across(acc)
+
+        # rollout: sample, then log-probs, reference log-probs, values and scores without gradients
+        t0 = time.time()
+        q, qm = rollout.left_pad(self.prompts_for(it), pad)
+        batch = rollout.sample(unwrapped.policy, q.to(acc.device), qm.to(acc.device), eot_id=eot, pad_id=pad,
+                               temperature=pc.temperature, top_p=pc.top_p, max_new_tokens=pc.max_new_tokens)
+        mask = batch.mask.float()
+        self.generate_s += time.time() - t0
+        self.tokens += _mean(mask.sum(1), reduce) * pc.batch_size * acc.num_processes
+        with torch.no_grad():
+            old_logp, entropy, old_values, _ = unwrapped(batch, pc.temperature)
+            if self.reference is not None:
+                ref_logp, _ = rollout.response_logprobs(self.reference, batch, pc.temperature)
+            else:
+                with unwrapped.policy.disable_adapter():
+                    ref_logp, _ = rollout.response_logprobs(unwrapped.policy, batch, pc.temperature)
+            raw = torch.tensor(rewards.score_ids(self.reward_model, rollout.reward_sequences(batch, self.suffix), pad),
+                               device=acc.device)
+            scores = self.normalize(raw, reduce)
+            if pc.missing_eot_penalty is not None:
+                scores = torch.where(batch.ended, scores, torch.full_like(scores, pc.missing_eot_penalty))
+            token_rewards, kl = core.per_token_rewards(scores, old_logp, ref_logp, mask, self.kl.value)
+            advantages, returns = core.gae(token_rewards, old_values, mask, pc.gamma, pc.lam)
+            advantages = core.masked_whiten(advantages, mask, reduce)
+        self.rollout_s += time.time() - t0
+
+        # updates: ppo_epochs passes over shuffled minibatches, gradient accumulation inside each
+        t0 = time.time()
+        update = self.update(it, batch, old_logp, old_values, advantages, returns)
+        self.update_s += time.time() - t0
+
+        n = float(pc.batch_size)
+        seq_kl = kl.sum(1)
+        stats = {
+            "score": _mean(raw, reduce),
+            "reward": _mean(token_rewards.sum(1), reduce),
+            "kl": _mean(seq_kl, reduce),
+            "kl_coef": self.kl.value,
+            "entropy": core.masked_mean(entropy, mask, reduce).item(),
+            "response_length": _mean(mask.sum(1), reduce),
+            "ended": _mean(batch.ended.float(), reduce),
+            "explained_variance": core.explained_variance(old_values, returns, mask, reduce).item(),
+            **update,
+        }
+        self.kl.update(stats["kl"], int(n * acc.num_processes))
+        texts = tok.tokenizer.batch_decode([r[m.bool()] for r, m in zip(batch.responses, batch.mask, strict=True)],
+                                           skip_special_tokens=True)
+        prompts = tok.tokenizer.batch_decode([x[k.bool()] for x, k in zip(batch.queries, batch.query_mask,
+                                                                           strict=True)], skip_special_tokens=True)
+        return stats, list(zip(prompts, texts, raw.tolist(), strict=True))
+
+    def update(self, it, batch, old_logp, old_values, advantages, returns) -> dict:
+        import torch
+
+        from posttrain.rl import core
+
+        pc, acc = self.pc, self.acc
+        mask = batch.mask.float()
+        micro = pc.mini_batch_size // pc.gradient_accumulation_steps
+        totals: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + it)
+        for epoch in range(pc.ppo_epochs):
+            order = torch.randperm(pc.batch_size, generator=gen).to(acc.device)
+            for start in range(0, pc.batch_size, pc.mini_batch_size):
+                for m in range(start, start + pc.mini_batch_size, micro):
+                    idx = order[m:m + micro]
+                    sub, sm = batch.select(idx), mask[idx]
+                    logp, _, values, ptx_loss = self.model(sub, pc.temperature, self.ptx_batch(gen, len(idx)))
+                    pg_loss, pg = core.policy_loss(logp, old_logp[idx], advantages[idx], sm, pc.cliprange)
+                    vf_loss, vf = core.value_loss(values, old_values[idx], returns[idx], sm, pc.cliprange_value)
+                    loss = pg_loss + pc.vf_coef * vf_loss
+                    if ptx_loss is not None:
+                        loss = loss + pc.ptx_coef * ptx_loss
+                        totals.setdefault("ptx_loss", []).append(float(ptx_loss))
+                    if not torch.isfinite(loss):
+                        raise PosttrainError(f"the PPO loss is {loss.item()} at iteration {it + 1}",
+                                             fix="lower ppo.learning_rate; check the reward model's scores")
+                    if it == self.start == 0 and epoch == 0 and m == 0:
+                        self.check_first_ratio(pg)
+                    acc.backward(loss / pc.gradient_accumulation_steps)
+                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf}.items():
+                        totals.setdefault(k, []).append(float(v))
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), pc.max_grad_norm)
+                totals.setdefault("grad_norm", []).append(float(grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        out = {k: sum(v) / len(v) for k, v in totals.items() if k != "ratio_max_dev"}
+        return {k: _mean_scalar(v, acc) for k, v in out.items()}
+
+    def ptx_batch(self, gen, n: int):
+        """n SFT conversations for the ptx term, drawn with the update's generator (resumable)."""
+        if self.ptx is None:
+            return None
+        import torch
+
+        from posttrain.rl import rollout
+
+        picks = torch.randint(len(self.ptx), (n,), generator=gen).tolist()
+        ids, attn, labels = rollout.right_pad_sft([self.ptx[i] for i in picks], self.tok.tokenizer.pad_token_id)
+        return ids.to(self.acc.device), attn.to(self.acc.device), labels.to(self.acc.device)
+
+    def check_first_ratio(self, pg: dict) -> None:
+        """Before any update the policy is the rollout policy: ratio 1, approx KL 0 (else the
+        temperature or dropout differ between sampling and training)."""
+        dev = float(pg["ratio_max_dev"])
+        if dev > FIRST_RATIO_TOLERANCE:
+            raise PosttrainError(
+                f"at the first PPO update the probability ratio is off 1 by {dev:.2e}: the rollout and the update "
+                "compute different log-probs", fix="report this as a bug (dropout or temperature mismatch)")
+        self.first_ratio_checked = True
+
+    def normalize(self, raw, reduce):
+        """OpenAI's reward normalisation (optional): constants from the first rollout, kept."""
+        if not self.pc.normalize_reward:
+            return raw
+        if self.norm is None:
+            import torch
+
+            ones = torch.ones_like(raw)
+            total = reduce(torch.stack([raw.sum(), (raw * raw).sum(), ones.sum()]))
+            mean = (total[0] / total[2]).item()
+            std = math.sqrt(max((total[1] / total[2]).item() - mean * mean, 1e-8))
+            self.norm = (mean, std)
+        return (raw - self.norm[0]) / self.norm[1]
+
+    def check_health(self, it: int, stats: dict, samples: list) -> None:
+        if self.pc.kl_cap is not None and stats["kl"] > self.pc.kl_cap:
+            raise PosttrainError(
+                f"KL to the reference reached {stats['kl']:.2f} nats per response at iteration {it}, over "
+                f"ppo.kl_cap {self.pc.kl_cap}: the policy is running away from the starting model",
+                fix="raise ppo.kl_coef (or set ppo.kl_target), lower ppo.learning_rate, or raise ppo.kl_cap")
+        if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
+            bad = [k for k, v in stats.items() if not math.isfinite(v) and k != "explained_variance"]
+            raise PosttrainError(f"PPO statistics became NaN/inf at iteration {it}: {', '.join(bad)}",
+                                 fix="lower ppo.learning_rate")
+        texts = [s[1] for s in samples]
+        if len(texts) > 1 and len(set(texts)) == 1 and len({s[0] for s in samples}) > 1:
+            raise PosttrainError(
+                f"generation collapsed at iteration {it}: every response is {texts[0]!r}",
+                fix="raise ppo.kl_coef or lower ppo.learning_rate; check the reward model for a trivial optimum")
+
+    def show_samples(self, it: int, samples: list) -> None:
+        with (self.out / "samples.jsonl").open("a") as f:
+            for p, r, s in samples[:SAMPLES_SHOWN]:
+                console.print(f"  sample @{it}: {p.strip()[-60:]!r} → {r!r} (score {s:+.3f})", soft_wrap=True)
+                f.write(json.dumps({"step": it, "prompt": p, "response": r, "score": s}) + "\n")
+
+    def summary_metrics(self) -> dict:
+        first, last = (self.history[0], self.history[-1]) if self.history else ({}, {})
+        return {
+            "steps": self.pc.steps,
+            "score_first": first.get("score"), "score_last": last.get("score"),
+            "kl_last": last.get("kl"), "kl_coef_last": last.get("kl_coef"),
+            "ended_first": first.get("ended"), "ended_last": last.get("ended"),
+            "entropy_last": last.get("entropy"),
+            "explained_variance_last": last.get("explained_variance"),
+            "rollout_s": round(self.rollout_s, 2), "generate_s": round(self.generate_s, 2),
+            "update_s": round(self.update_s, 2), "response_tokens": int(self.tokens),
+            "rollout_tokens_per_s": round(self.tokens / self.generate_s, 1) if self.generate_s else None,
+            "reward_normalization": self.norm,
+        }
+
+    # -- checkpoints: weights (safetensors), optimizer, random state; trainer_state.json last
+    def save(self, it: int) -> None:
+        import torch
+        from safetensors.torch import save_model
+
+        d = self.out / common.CHECKPOINTS / f"checkpoint-{it}"
+        if self.acc.is_main_process:
+            d.mkdir(parents=True, exist_ok=True)
+        self.acc.wait_for_everyone()
+        torch.save(_rng_state(), d / f"rng_{self.acc.process_index}.pth")
+        if self.acc.is_main_process:
+            save_model(self.acc.unwrap_model(self.model), str(d / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = {"global_step": it, "kl_coef": self.kl.value, "reward_normalization": self.norm,
+                     "rollout_s": self.rollout_s, "update_s": self.update_s, "generate_s": self.generate_s,
+                     "tokens": self.tokens, "log_history": self.history}
+            (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            kept = sorted((p for p in d.parent.glob("checkpoint-*")), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+            for old in kept[: -self.pc.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def load(self, d: Path) -> None:
+        import torch
+        from safetensors.torch import load_model
+
+        state = json.loads((d / "trainer_state.json").read_text())
+        load_model(self.acc.unwrap_model(self.model), str(d / "model.safetensors"), device=str(self.acc.device))
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        rng = d / f"rng_{self.acc.process_index}.pth"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        self.start, self.kl.value = state["global_step"], state["kl_coef"]
+        self.norm = tuple(state["reward_normalization"]) if state["reward_normalization"] else None
+        self.rollout_s, self.update_s = state["rollout_s"], state["update_s"]
+        self.generate_s, self.tokens = state.get("generate_s", 0.0), state.get("tokens", 0.0)
+        self.history = state["log_history"]
+        console.print(f"ppo: resuming from {d} (iteration {self.start})")
+
+
+LOGGED = ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",
+          "ended", "ptx_loss")
+
+
+def _sum_across(acc):
+    def reduce(x):
+        return acc.reduce(x, reduction="sum") if acc.num_processes > 1 else x
+
+    return reduce
+
+
+def _mean(x, reduce) -> float:
+    import torch
+
+    total = reduce(torch.stack([x.float().sum(), torch.tensor(float(x.numel()), device=x.device)]))
+    return (total[0] / total[1]).item()
+
+
+def _mean_scalar(v: float, acc) -> float:
+    if acc.num_processes == 1:
+        return v
+    import torch
+
+    return acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
