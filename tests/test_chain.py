@@ -436,7 +436,7 @@ def test_bad_chain_input_exits_2_with_one_line(case, tiny_dir, demo_data, tmp_pa
     out = tmp_path / "out"
     args: list = []
     if case == "planned stage":
-        raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "reward"]), ["reward"]
+        raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "eval"]), ["eval", "not available"]
     elif case == "unknown stage":
         raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "rlhf"]), ["stages"]
     elif case == "--from not in stages":

@@ -183,7 +183,6 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     applied (the caller hands `lora_config(...)` to the trainer instead); QLoRA's k-bit preparation
     is done either way.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     _check_source(source, "model")
@@ -191,16 +190,8 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     adapter, source = (source, under) if under else (None, source)
     if adapter:
         _check_source(source, f"base model of adapter '{adapter}'")
-    dtype = torch_dtype(cfg.model.dtype)
-    kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if method == "qlora":
-        kwargs["quantization_config"] = _bnb_config(dtype)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
 
@@ -219,15 +210,29 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     return apply_lora(model, lora, quantized=method == "qlora", train_embeddings=grew)
 
 
+def _load_kwargs(cfg: Config, method: str) -> dict:
+    """from_pretrained arguments shared by every model posttrain trains: dtype, revision, remote
+    code, attention kernel, and 4-bit quantization (on the current GPU) for QLoRA."""
+    import torch
+
+    dtype = torch_dtype(cfg.model.dtype)
+    kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if method == "qlora":
+        kwargs["quantization_config"] = _bnb_config(dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return kwargs
+
+
 def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
     """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
     head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
     adapter, safeguard #21) or QLoRA. An SFT LoRA adapter as `source` is merged in memory first."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     _check_source(source, "model")
-    dtype = torch_dtype(cfg.model.dtype)
     if adapter_base(source) is not None:
         if method == "qlora":
             raise PosttrainError(f"a QLoRA reward model can't start from '{source}', a LoRA adapter",
@@ -235,21 +240,14 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
         causal = load_causal_lm(cfg, source, "full", lora, tok)  # the adapter merged into its base
         config = causal.config
         config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(cfg.model.dtype))
         body = getattr(model, model.base_model_prefix)
         body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
         del causal
     else:
-        kwargs = {"dtype": dtype, "num_labels": 1, "revision": cfg.model.revision,
-                  "trust_remote_code": cfg.model.trust_remote_code}
-        if cfg.model.attn_implementation:
-            kwargs["attn_implementation"] = cfg.model.attn_implementation
-        if method == "qlora":
-            kwargs["quantization_config"] = _bnb_config(dtype)
-            if torch.cuda.is_available():
-                kwargs["device_map"] = {"": torch.cuda.current_device()}
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                       **_load_kwargs(cfg, method))
         except (OSError, ValueError) as e:
             raise _hub_error(source, e) from None
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]

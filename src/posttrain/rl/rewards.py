@@ -122,6 +122,7 @@ def load_reward_model(path: str, dtype=None):
     if base:
         from peft import PeftModel
 
+        check_head_saved(path)
         model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
@@ -131,6 +132,16 @@ def load_reward_model(path: str, dtype=None):
                              "would be read at the wrong position")
     model.eval().requires_grad_(False)
     return model
+
+
+def check_head_saved(path: str | Path) -> None:
+    """Safeguard #21: a LoRA reward model's trained head must be in the adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:
+        if not any(".score." in k or k.endswith("score.weight") for k in f.keys()):
+            raise PosttrainError(f"the adapter saved in '{path}' has no score head: the reward model would load "
+                                 "with a random head", fix="keep score in lora.modules_to_save and retrain")
 
 
 def score_ids(model, sequences: list[list[int]], pad_id: int, *, batch_size: int = 32,

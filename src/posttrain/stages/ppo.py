@@ -264,6 +264,8 @@ class Loop:
             if pc.missing_eot_penalty is not None:
                 scores = torch.where(batch.ended, scores, torch.full_like(scores, pc.missing_eot_penalty))
             token_rewards, kl = core.per_token_rewards(scores, old_logp, ref_logp, mask, self.kl.value)
+            if it == self.start == 0:
+                self.check_reference(kl)
             advantages, returns = core.gae(token_rewards, old_values, mask, pc.gamma, pc.lam)
             advantages = core.masked_whiten(advantages, mask, reduce)
         self.rollout_s += time.time() - t0
@@ -315,7 +317,7 @@ class Loop:
                     loss = pg_loss + pc.vf_coef * vf_loss
                     if ptx_loss is not None:
                         loss = loss + pc.ptx_coef * ptx_loss
-                        totals.setdefault("ptx_loss", []).append(float(ptx_loss))
+                        totals.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
                     if not torch.isfinite(loss):
                         raise PosttrainError(f"the PPO loss is {loss.item()} at iteration {it + 1}",
                                              fix="lower ppo.learning_rate; check the reward model's scores")
@@ -323,7 +325,7 @@ class Loop:
                         self.check_first_ratio(pg)
                     acc.backward(loss / pc.gradient_accumulation_steps)
                     for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf}.items():
-                        totals.setdefault(k, []).append(float(v))
+                        totals.setdefault(k, []).append(float(v.detach()))
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), pc.max_grad_norm)
                 totals.setdefault("grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
@@ -342,6 +344,15 @@ class Loop:
         picks = torch.randint(len(self.ptx), (n,), generator=gen).tolist()
         ids, attn, labels = rollout.right_pad_sft([self.ptx[i] for i in picks], self.tok.tokenizer.pad_token_id)
         return ids.to(self.acc.device), attn.to(self.acc.device), labels.to(self.acc.device)
+
+    def check_reference(self, kl) -> None:
+        """Before any update the policy is the starting model, so its KL to the reference is 0 on
+        every sampled response (else the reference is some other model)."""
+        worst = float(kl.sum(1).abs().max())
+        if worst > FIRST_RATIO_TOLERANCE:
+            raise PosttrainError(
+                f"at the first rollout the policy's KL to the reference is {worst:.2e} nats on a response, not 0: "
+                "the reference is not the model PPO starts from", fix="report this as a bug")
 
     def check_first_ratio(self, pg: dict) -> None:
         """Before any update the policy is the rollout policy: ratio 1, approx KL 0 (else the
@@ -443,11 +454,21 @@ class Loop:
         self.rollout_s, self.update_s = state["rollout_s"], state["update_s"]
         self.generate_s, self.tokens = state.get("generate_s", 0.0), state.get("tokens", 0.0)
         self.history = state["log_history"]
+        if self.acc.is_main_process:  # lines written after this checkpoint by the interrupted run
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                _truncate_after(self.out / name, self.start)
         console.print(f"ppo: resuming from {d} (iteration {self.start})")
 
 
 LOGGED = ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",
           "ended", "ptx_loss")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _sum_across(acc):

@@ -102,7 +102,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     if not common.save(trainer, out, cfg, tok, rc.method):
         return out
     if rc.method != "full":
-        check_head_saved(out)
+        rewards.check_head_saved(out)
     reload = check_reload(out, probe, pad, scores, rc.tolerance)
 
     runtime = result.metrics.get("train_runtime", time.time() - t0)
@@ -193,16 +193,6 @@ def check_padding_and_batch(model, sequences: list[list[int]], pad: int, toleran
                 fix="check that the pad token differs from every content token and model.pad_token",
             )
     return right
-
-
-def check_head_saved(out: Path) -> None:
-    """Safeguard #21: a LoRA reward model's trained head must be in the adapter file."""
-    from safetensors import safe_open
-
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        if not any(".score." in k or k.endswith("score.weight") for k in f.keys()):
-            raise PosttrainError(f"the adapter saved in '{out}' has no score head: the reward model would reload "
-                                 "with a random head", fix="keep score in lora.modules_to_save")
 
 
 def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list[float], tolerance: float) -> dict:

@@ -1,0 +1,568 @@
+"""PPO (posttrain's own) on a tiny random-init model: an SFT run, a reward model trained on the
+demo's style pairs, then PPO against it.
+
+Full PPO raises the reward model's score while the KL to the reference stays bounded (0 at the
+first rollout, when policy and reference are the same model), the first update's ratio is 1, and
+the sampled answers move toward the preferred style; the output reloads with plain transformers
+and the manifest records the reward model, the reference and the metrics. LoRA PPO saves a
+non-empty adapter whose reference is the adapter disabled, and `merge` folds it in. A run killed
+after a checkpoint resumes to exactly the metrics and weights of an uninterrupted run. Two
+processes under accelerate give one manifest. The gates (weak reward model, tokenizer mismatch)
+refuse before any weights load; the KL cap, a first-ratio mismatch and collapsed generation stop
+the run. Unit tests for the rollout helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from posttrain import demo, manifest
+from posttrain.config import PPOStageConfig, validate_dict
+from posttrain.errors import PosttrainError
+from posttrain.rl import rollout
+from posttrain.stages import merge, ppo, reward, sft
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+STYLE = re.compile(r"^\s*\d+ \+ \d+ = \d+\s*$")  # the concise style, whatever the digits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One thread for this module, here and in the subprocesses the stages start (the reward stage's
+    reload check): tiny models gain nothing from a second thread, and on a shared 2-core machine
+    OpenMP threads waiting for a busy core make every step many times slower."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _raw(tiny_dir, demo_data, out_root, **sections) -> dict:
+    return {
+        "model": {"name_or_path": str(tiny_dir)},
+        "data": {
+            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
+                    "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
+            "reward": {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}],
+                       "eval": [{"path": str(demo_data / "reward_eval.jsonl")}]},
+        },
+        "output_dir": str(out_root),
+        "seed": 0,
+        # long enough for the tiny model to write both styles (so there is a preference to act on)
+        "sft": {"training": {"max_steps": 300, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
+                             "logging_steps": 50, "save_steps": 1000, "max_length": 64,
+                             "gradient_checkpointing": False}},
+        "reward": {"data": "reward",
+                   "training": {"max_steps": 20, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
+                                "logging_steps": 5, "save_steps": 1000, "max_length": 64,
+                                "gradient_checkpointing": False}},
+        **sections,
+    }
+
+
+def _ppo(rm_dir, **extra) -> dict:
+    """A short PPO section: 8 prompts per rollout, answers of at most 12 tokens."""
+    return {"reward_model": str(rm_dir), "steps": 4, "batch_size": 8, "mini_batch_size": 4,
+            "max_new_tokens": 12, "learning_rate": 1e-3, "sample_every": 1000, "save_steps": 1000, **extra}
+
+
+def _logs(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_dir, demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_sft")
+    return sft.run(validate_dict(_raw(tiny_dir, demo_data, root)), output=str(root / "sft"))
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_dir, demo_data, sft_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_rm")
+    out = reward.run(validate_dict(_raw(tiny_dir, demo_data, root)), base=str(sft_dir), output=str(root / "reward"))
+    assert manifest.read(out)["metrics"]["accuracy"] >= 0.8
+    return out
+
+
+@pytest.fixture
+def ppo_config(tiny_dir, demo_data, rm_dir, tmp_path):
+    def build(**ppo_section):
+        return validate_dict(_raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, **ppo_section)))
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def ppo_full(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path_factory):
+    """20 iterations of full PPO; the first-update ratio check is observed as it runs."""
+    root = tmp_path_factory.mktemp("ppo_full")
+    cfg = validate_dict(_raw(tiny_dir, demo_data, root,
+                             ppo=_ppo(rm_dir, steps=20, batch_size=16, mini_batch_size=8, sample_every=10)))
+    checked: list[float] = []
+    original = ppo.Loop.check_first_ratio
+
+    def observed(self, pg):
+        checked.append(float(pg["ratio_max_dev"]))
+        return original(self, pg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppo.Loop, "check_first_ratio", observed)
+        out = ppo.run(cfg, base=str(sft_dir), output=str(root / "ppo"))
+    return {"out": out, "first_ratio": checked}
+
+
+def _style_of_samples(model_dir, demo_data, n_prompts: int = 32, repeats: int = 2) -> dict[str, float]:
+    """Sample (temperature 1, as PPO does) answers to held-out prompts: the share in the concise style
+    (demo.score, which also wants the prompt's numbers copied, and the style alone), the verbose share."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = [json.loads(line) for line in (demo_data / "sft_eval.jsonl").read_text().splitlines()[:n_prompts]]
+    prompts = [r["messages"][0]["content"] for r in rows] * repeats
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12,
+                             eos_token_id=eot, pad_token_id=tok.pad_token_id)
+    totals = {"concise": 0.0, "style": 0.0, "verbose": 0.0}
+    for p, ids in zip(prompts, gen[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
+        text = tok.decode(ids[: ids.index(eot)] if eot in ids else ids, skip_special_tokens=True)
+        totals["concise"] += demo.score(p, text)["concise"]
+        totals["style"] += bool(STYLE.match(text))
+        totals["verbose"] += text.strip().startswith("Well")
+    return {k: v / len(prompts) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Full PPO
+
+
+def test_ppo_raises_the_score_with_bounded_kl(ppo_full, sft_dir, rm_dir, demo_data):
+    from transformers import AutoModelForCausalLM
+
+    out = ppo_full["out"]
+    m = manifest.read(out)
+    assert m["stage"] == "ppo" and m["method"] == "full"
+    assert m["reference"] == "frozen copy of the starting policy"
+    assert m["parent"]["path"] == str(sft_dir) and m["parent"]["stage"] == "sft"
+    rm_manifest = manifest.read(rm_dir)
+    assert m["reward_model"] == {"path": str(rm_dir), "accuracy": rm_manifest["metrics"]["accuracy"],
+                                 "hash": manifest.directory_hash(rm_dir), "stage": "reward"}
+    assert m["value_model_init"] == str(rm_dir)
+    assert m["trainable_parameters"] == m["total_parameters"] > 0
+
+    logs = _logs(out)
+    assert [r["step"] for r in logs] == list(range(1, 21))
+    for r in logs:
+        bad = [k for k, v in r.items() if k != "explained_variance" and not math.isfinite(v)]
+        assert not bad, (r["step"], bad)
+    metrics = m["metrics"]
+    assert metrics["steps"] == 20 and metrics["processes"] == 1 and metrics["prompts"] == 256
+    assert metrics["score_first"] == logs[0]["score"] and metrics["score_last"] == logs[-1]["score"]
+    assert metrics["kl_last"] == logs[-1]["kl"] and metrics["ended_last"] == logs[-1]["ended"]
+
+    # the reward model's score rises: the last iterations against the first (means, for noise)
+    first = sum(r["score"] for r in logs[:4]) / 4
+    last = sum(r["score"] for r in logs[-4:]) / 4
+    assert last > first + 0.3, [round(r["score"], 3) for r in logs]
+    assert metrics["score_last"] > metrics["score_first"]
+
+    # KL: 0 at the first rollout (the reference is the policy PPO starts from), then bounded
+    assert logs[0]["kl"] == 0.0
+    kls = [r["kl"] for r in logs]
+    assert max(kls) < PPOStageConfig().kl_cap and max(kls) > 0, kls
+
+    # the first update's probability ratio was checked (once) and was 1
+    assert len(ppo_full["first_ratio"]) == 1 and ppo_full["first_ratio"][0] <= ppo.FIRST_RATIO_TOLERANCE
+
+    # samples were kept at iterations 1, 10 and 20
+    kept = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in kept}) == [1, 10, 20]
+
+    # sampled answers move toward the style the reward model prefers, away from the verbose one
+    before, after = _style_of_samples(sft_dir, demo_data), _style_of_samples(out, demo_data)
+    assert after["concise"] >= before["concise"], (before, after)
+    assert after["style"] > before["style"] + 0.1, (before, after)
+    assert after["verbose"] < before["verbose"], (before, after)
+
+    # a plain transformers model that stops at the end-of-turn token, with weights moved from SFT's
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    eos = model.generation_config.eos_token_id
+    assert m["special_tokens"]["eot"] in (eos if isinstance(eos, list) else [eos])
+    start, trained = load_file(str(sft_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert trained.keys() == start.keys()
+    assert sum(not torch.equal(start[k], trained[k]) for k in start) > len(start) // 2
+
+
+def test_first_ratio_mismatch_is_caught(ppo_config, sft_dir, tmp_path, monkeypatch):
+    """Negative control: the update computes log-probs at another temperature than the rollout
+    did (with gradients on: the update pass), so at the first minibatch the ratio is not 1."""
+    original = rollout.PolicyAndValue.forward
+
+    def mismatched(self, batch, temperature, *args, **kwargs):
+        return original(self, batch, temperature * 1.5 if torch.is_grad_enabled() else temperature, *args, **kwargs)
+
+    monkeypatch.setattr(rollout.PolicyAndValue, "forward", mismatched)
+    out = tmp_path / "ppo"
+    with pytest.raises(PosttrainError, match=r"at the first PPO update the probability ratio is off 1"):
+        ppo.run(ppo_config(steps=1), base=str(sft_dir), output=str(out))
+    assert not manifest.is_finished(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA PPO, then merge
+
+
+def test_lora_ppo_and_merge(ppo_config, sft_dir, tmp_path):
+    cfg = ppo_config(method="lora", lora=LORA, learning_rate=1e-2)
+    out = ppo.run(cfg, base=str(sft_dir), output=str(tmp_path / "ppo"))
+    m = manifest.read(out)
+    assert m["method"] == "lora" and m["reference"] == "the policy with its new LoRA adapter disabled"
+    assert m["adapter_base"] == str(sft_dir)
+    assert 0 < m["trainable_parameters"] < m["total_parameters"]
+    logs = _logs(out)
+    assert len(logs) == 4 and all(math.isfinite(r["score"]) and math.isfinite(r["kl"]) for r in logs)
+    # a new adapter starts at B = 0: with it disabled the reference is the policy at the first rollout
+    assert abs(logs[0]["kl"]) < 1e-6 and any(r["kl"] != 0 for r in logs[1:])
+
+    assert not (out / "model.safetensors").exists()
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "the adapter did not train"
+
+    cfg = validate_dict({**cfg.model_dump(mode="json"),
+                         "merge": {"dtype": "float32", "probe_prompts": ["What is 12 + 34?"], "max_new_tokens": 8}})
+    merged = merge.run(cfg, base=str(out), output=str(tmp_path / "merged"))
+    mm = manifest.read(merged)
+    assert mm["stage"] == "merge" and mm["parent"]["path"] == str(out) and mm["merged_into"] == str(sft_dir)
+    assert mm["checks"]["parity"]["max_abs_diff"] <= mm["checks"]["parity"]["tolerance"]
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a SIGKILL: the same metrics, bit for bit
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "posttrain.cli", *map(str, args)]
+
+
+def _finished_checkpoints(out: Path) -> list[Path]:
+    def complete(p: Path) -> bool:
+        try:
+            return "global_step" in json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+
+    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+STEPS = 40
+
+
+def test_killed_run_resumes_to_the_same_metrics(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path):
+    # an iteration takes well under a second: 40 of them leave time to see checkpoint-4 and kill
+    raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=STEPS, save_steps=4))
+    cfg = tmp_path / "ppo.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+
+    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", whole), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = {rec["step"]: rec for rec in _logs(whole)}
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    log = tmp_path / "killed.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(_cli("ppo", cfg, "--base", sft_dir, "-o", killed), stdout=f, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=ENV, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not _finished_checkpoints(killed):
+                assert proc.poll() is None, \
+                    f"exited ({proc.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}"
+                assert time.time() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not manifest.is_finished(killed) and not (killed / "model.safetensors").exists()
+    checkpoint = _finished_checkpoints(killed)[-1]
+    at = int(checkpoint.name.split("-")[1])
+    assert at < STEPS
+    before_kill = _logs(killed)
+
+    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", killed, "--resume"), capture_output=True,
+                       text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = manifest.read(killed)
+    assert m["resumed_from"] == str(checkpoint) and m["metrics"]["steps"] == STEPS
+
+    # the resumed run logs the iterations after the checkpoint, each as the uninterrupted run did
+    after = _logs(killed)[len(before_kill):]
+    assert [rec["step"] for rec in after] == list(range(at + 1, STEPS + 1))
+    for rec in [*before_kill, *after]:
+        assert rec == expected[rec["step"]], rec["step"]
+    assert m["metrics"]["score_first"] == expected[1]["score"]
+    assert m["metrics"]["score_last"] == expected[STEPS]["score"]
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes
+
+
+def test_two_processes(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path):
+    """`accelerate launch --multi_gpu` with no GPU visible starts 2 CPU processes (torchrun, gloo);
+    `--cpu --num_processes 2` would start one (accelerate 1.15's simple launcher), which the
+    manifest's `processes` would show."""
+    raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=3, batch_size=4, mini_batch_size=2,
+                                                            save_steps=2))
+    cfg = tmp_path / "ppo.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "ppo"
+    launcher = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain.cli", "ppo", str(cfg),
+                        "--base", str(sft_dir), "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob(manifest.MANIFEST)] == [Path("ppo") / manifest.MANIFEST]
+    m = manifest.read(out)
+    assert m["metrics"]["processes"] == 2 and m["metrics"]["steps"] == 3
+    assert all(math.isfinite(m["metrics"][k]) for k in ("score_first", "score_last", "kl_last", "entropy_last"))
+    logs = _logs(out)
+    assert [rec["step"] for rec in logs] == [1, 2, 3], "one metrics line per iteration (the main process)"
+    assert logs[0]["kl"] == 0.0
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert {p.name for p in ckpt.glob("rng_*.pth")} == {"rng_0.pth", "rng_1.pth"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates and stops
+
+
+class ModelLoaded(AssertionError):
+    """Raised by patched loaders: proves a run got as far as loading weights."""
+
+
+def _no_weights_loading(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("weights were loaded")
+
+    monkeypatch.setattr("posttrain.models.load_causal_lm", refuse)
+    monkeypatch.setattr("posttrain.rl.rewards.load_reward_model", refuse)
+    monkeypatch.setattr("transformers.AutoModelForSequenceClassification.from_pretrained", refuse)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_weak_reward_model_gate(allow, ppo_config, sft_dir, rm_dir, tmp_path, monkeypatch):
+    weak = tmp_path / "weak_rm"
+    shutil.copytree(rm_dir, weak)
+    m = manifest.read(weak)
+    m["metrics"]["accuracy"] = 0.55
+    manifest.write(weak, m)
+    cfg = ppo_config(reward_model=str(weak), allow_weak_reward_model=allow)
+    _no_weights_loading(monkeypatch)
+    out = tmp_path / "ppo"
+    if allow:
+        with pytest.raises(ModelLoaded):
+            ppo.run(cfg, base=str(sft_dir), output=str(out))
+    else:
+        with pytest.raises(PosttrainError, match=r"held-out pairwise accuracy 0\.550, under ppo\.min_reward_accuracy "
+                                                 r"0\.7.*allow_weak_reward_model") as e:
+            ppo.run(cfg, base=str(sft_dir), output=str(out))
+        assert "\n" not in str(e.value)
+        assert not out.exists()
+
+
+OTHER_TEMPLATE = (  # ChatML tokens, but "role:" headers
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + ':\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant:\\n' -}}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("added token", r"vocabularies differ \(\d+ vs \d+ tokens\)"),
+    ("chat template", r"the chat templates render differently"),
+])
+def test_reward_model_with_another_tokenizer_is_refused(change, message, ppo_config, sft_dir, rm_dir, tmp_path,
+                                                        monkeypatch):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_rm"
+    shutil.copytree(rm_dir, other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    if change == "added token":
+        assert tok.add_tokens(["<|tool|>"]) == 1
+    else:
+        tok.chat_template = OTHER_TEMPLATE
+    tok.save_pretrained(str(other))
+    _no_weights_loading(monkeypatch)
+    out = tmp_path / "ppo"
+    with pytest.raises(PosttrainError, match=rf"do not share a tokenizer: .*{message}"):
+        ppo.run(ppo_config(reward_model=str(other)), base=str(sft_dir), output=str(out))
+    assert not out.exists()
+
+
+def test_reward_model_that_is_not_a_reward_stage(ppo_config, sft_dir, tmp_path, monkeypatch):
+    _no_weights_loading(monkeypatch)
+    with pytest.raises(PosttrainError, match=r"is a sft stage, not a reward model"):
+        ppo.run(ppo_config(reward_model=str(sft_dir)), base=str(sft_dir), output=str(tmp_path / "ppo"))
+    with pytest.raises(PosttrainError, match=r"does not exist"):
+        ppo.run(ppo_config(reward_model=str(tmp_path / "nowhere")), base=str(sft_dir), output=str(tmp_path / "ppo"))
+
+
+def test_kl_cap_stops_the_run(ppo_config, sft_dir, tmp_path):
+    out = tmp_path / "ppo"
+    with pytest.raises(PosttrainError, match=r"KL to the reference reached .* at iteration 2, over ppo\.kl_cap 1e-06"):
+        ppo.run(ppo_config(steps=3, kl_cap=1e-6, learning_rate=1e-2), base=str(sft_dir), output=str(out))
+    assert not manifest.is_finished(out)
+    assert [r["step"] for r in _logs(out)] == [1, 2]  # iteration 1 has KL 0, iteration 2 is over the cap
+
+
+def test_collapsed_generation_stops_the_run(ppo_config, sft_dir, tmp_path, monkeypatch):
+    """Every prompt answered with the same tokens (the first row's answer copied to all rows)."""
+    original = rollout.sample
+
+    def same_answer(*args, **kwargs):
+        b = original(*args, **kwargs)
+        n = b.responses.shape[0]
+        return rollout.Batch(b.queries, b.query_mask, b.responses[:1].expand(n, -1).clone(),
+                             b.mask[:1].expand(n, -1).clone(), b.ended[:1].expand(n).clone())
+
+    monkeypatch.setattr(rollout, "sample", same_answer)
+    out = tmp_path / "ppo"
+    with pytest.raises(PosttrainError, match=r"generation collapsed at iteration 1: every response is"):
+        ppo.run(ppo_config(steps=2), base=str(sft_dir), output=str(out))
+    assert not manifest.is_finished(out)
+
+
+def _loop(**pc) -> ppo.Loop:
+    loop = object.__new__(ppo.Loop)  # check_health reads only the PPO settings
+    loop.pc = PPOStageConfig(**pc)
+    return loop
+
+
+def test_check_health_unit():
+    stats = {"score": 1.0, "kl": 2.0, "entropy": 1.0, "explained_variance": float("nan")}
+    different = [("What is 1 + 2?", "1 + 2 = 3", 1.0), ("What is 2 + 2?", "2 + 2 = 4", 1.0)]
+    same = [("What is 1 + 2?", "42", 0.5), ("What is 2 + 2?", "42", 0.5), ("What is 3 + 2?", "42", 0.5)]
+    _loop().check_health(3, stats, different)  # a NaN explained variance is no reason to stop
+    with pytest.raises(PosttrainError, match=r"generation collapsed at iteration 3: every response is '42'"):
+        _loop().check_health(3, stats, same)
+    # the same answer to the same prompt is no collapse; nor is a single sample
+    _loop().check_health(3, stats, [("What is 1 + 2?", "42", 0.5)] * 3)
+    _loop().check_health(3, stats, same[:1])
+    with pytest.raises(PosttrainError, match=r"KL to the reference reached 2\.00 .* 3, over ppo\.kl_cap 1\.5"):
+        _loop(kl_cap=1.5).check_health(3, stats, different)
+    _loop(kl_cap=None).check_health(3, {**stats, "kl": 1e6}, different)
+    with pytest.raises(PosttrainError, match=r"NaN/inf at iteration 3: entropy"):
+        _loop().check_health(3, {**stats, "entropy": float("inf")}, different)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout helpers
+
+
+def test_cut_at_end_of_turn():
+    eot, pad = 2, 0
+    generated = torch.tensor([[5, 7, eot, 9, eot],
+                              [5, 6, 7, 8, 9],
+                              [eot, 4, 4, 4, 4]])
+    tokens, mask, ended = rollout.cut_at_end_of_turn(generated, eot, pad)
+    assert tokens.tolist() == [[5, 7, eot, pad, pad], [5, 6, 7, 8, 9], [eot, pad, pad, pad, pad]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]  # the eot is a real token
+    assert ended.tolist() == [True, False, True]
+
+
+def test_reward_sequences_append_the_suffix_to_ended_responses_only():
+    batch = rollout.Batch(
+        queries=torch.tensor([[0, 11, 12], [13, 14, 15]]),
+        query_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        responses=torch.tensor([[5, 2, 0], [6, 7, 8]]),
+        mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        ended=torch.tensor([True, False]),
+    )
+    assert rollout.reward_sequences(batch, [99]) == [[11, 12, 5, 2, 99], [13, 14, 15, 6, 7, 8]]
+
+
+def test_template_suffix_is_what_the_reward_model_was_trained_on(tiny_dir):
+    """For ChatML the template writes "\\n" after <|im_end|>; an ended rollout with that suffix is,
+    token for token, the rendered conversation the reward stage trains on."""
+    from posttrain import models
+
+    tok = models.load_tokenizer(validate_dict({"model": {"name_or_path": str(tiny_dir)}, "stages": []}),
+                                need_masks=False)
+    t = tok.tokenizer
+    assert tok.eot_id == t.convert_tokens_to_ids("<|im_end|>")
+    suffix = rollout.template_suffix(t, tok.eot_id)
+    assert t.decode(suffix) == "\n" and len(suffix) == 1
+
+    user = [{"role": "user", "content": "What is 39 + 45?"}]
+    prompt = t(t.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    answer = t("39 + 45 = 84", add_special_tokens=False)["input_ids"] + [tok.eot_id]
+    q, qm = rollout.left_pad([prompt["input_ids"], prompt["input_ids"][1:]], t.pad_token_id)
+    responses, mask, ended = rollout.cut_at_end_of_turn(torch.tensor([answer + [5, 5], answer + [5, 5]]),
+                                                        tok.eot_id, t.pad_token_id)
+    seqs = rollout.reward_sequences(rollout.Batch(q, qm, responses, mask, ended), suffix)
+    full = t(t.apply_chat_template(user + [{"role": "assistant", "content": "39 + 45 = 84"}], tokenize=False),
+             add_special_tokens=False)["input_ids"]
+    assert seqs[0] == full
+    assert seqs[1] == full[1:]
+
+
+def test_prompts_are_split_between_processes_and_reproducible():
+    """Each process takes its own slice of the seed's permutation; a pass over the prompts uses
+    every prompt once; the same iteration gives the same prompts again (resume)."""
+    class Acc:
+        def __init__(self, index):
+            self.num_processes, self.process_index = 2, index
+
+    def loop(index):
+        lp = object.__new__(ppo.Loop)
+        lp.pc, lp.acc = PPOStageConfig(batch_size=3, mini_batch_size=1), Acc(index)
+        lp.queries = [[i] for i in range(12)]
+        lp.cfg = validate_dict({"model": {"name_or_path": "x"}, "stages": [], "seed": 7})
+        return lp
+
+    rank0, rank1 = loop(0), loop(1)
+    first_pass = [q for it in (0, 1) for q in rank0.prompts_for(it) + rank1.prompts_for(it)]
+    assert sorted(q[0] for q in first_pass) == list(range(12))
+    assert not set(map(tuple, rank0.prompts_for(0))) & set(map(tuple, rank1.prompts_for(0)))
+    assert rank0.prompts_for(1) == loop(0).prompts_for(1)
