@@ -566,3 +566,10 @@ def test_prompts_are_split_between_processes_and_reproducible():
     assert sorted(q[0] for q in first_pass) == list(range(12))
     assert not set(map(tuple, rank0.prompts_for(0))) & set(map(tuple, rank1.prompts_for(0)))
     assert rank0.prompts_for(1) == loop(0).prompts_for(1)
+
+
+def test_ppo_data_missing_is_a_clean_error(make_config):
+    """A standalone `posttrain ppo` whose config has no such dataset fails with one line, before loading."""
+    cfg = make_config(ppo__data="prompts")
+    with pytest.raises(PosttrainError, match="ppo.data names dataset 'prompts'"):
+        ppo.run(cfg)

@@ -162,9 +162,11 @@ def adapter_base_of(source: str, method: str) -> str | None:
     return models.adapter_base(source) or source
 
 
-def check_agrees_with_parent(source: str, tok: models.TokenizerInfo, *, allow: bool, setting: str) -> None:
+def check_agrees_with_parent(source: str, tok: models.TokenizerInfo, *, allow: bool = False,
+                             setting: str | None = None) -> None:
     """Safeguard #6: the template, special tokens and vocabulary this stage uses are the ones the
-    starting stage trained with (recorded in its manifest)."""
+    starting stage trained with (recorded in its manifest). `setting` names the config key that
+    allows a mismatch, for stages that have one."""
     parent = manifest.read(source) if Path(source).is_dir() else None
     if not parent or "template_hash" not in parent:
         return
@@ -182,8 +184,8 @@ def check_agrees_with_parent(source: str, tok: models.TokenizerInfo, *, allow: b
     if allow:
         console.print(f"[yellow]warning[/] {what} (allowed by {setting})")
         return
-    raise PosttrainError(what, fix="use the template the starting stage used (see its config.resolved.yaml), "
-                         f"or set {setting}: true")
+    fix = "use the template the starting stage used (see its config.resolved.yaml)"
+    raise PosttrainError(what, fix=fix + (f", or set {setting}: true" if setting else ""))
 
 
 def special_tokens(tok: models.TokenizerInfo) -> dict:

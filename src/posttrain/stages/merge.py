@@ -48,7 +48,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     key = lineage.stage_key(cfg, "merge", adapter)
 
     tok = models.load_tokenizer(cfg, adapter, need_masks=False)
-    common.check_agrees_with_parent(adapter, tok, allow=False, setting="the template of the trained stage")
+    common.check_agrees_with_parent(adapter, tok)
     probes = [tok.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                 add_generation_prompt=True) for p in mc.probe_prompts]
 

@@ -45,6 +45,10 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     started, t0 = manifest.now(), time.time()
     pc = cfg.ppo
     out = stage_output(cfg, "ppo", output)
+    for setting, name in (("ppo.data", pc.data), ("ppo.ptx_data", pc.ptx_data if pc.ptx_coef > 0 else None)):
+        if name is not None and name not in cfg.data:
+            raise PosttrainError(f"{setting} names dataset '{name}', which the config has no data.{name} section for",
+                                 fix=f"add data.{name} (an sft or preference dataset)")
 
     # 1. where PPO starts, and what it optimises
     source = common.resolve_base(base or common.default_base(cfg, "ppo"), allow_adapter=True)
@@ -56,7 +60,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 2. checks before any weights load
     rm_accuracy = rewards.check_gate(rm_path, pc, "ppo")
     tok = models.load_tokenizer(cfg, source, need_masks=pc.ptx_coef > 0)
-    common.check_agrees_with_parent(source, tok, allow=False, setting="(no override)")
+    common.check_agrees_with_parent(source, tok)
     for path in {rm_path, value_path}:
         rewards.check_same_tokenizer(tok, path, "ppo")
     train_ds, _, data_record = prompt_data(cfg, pc.data, tok)
