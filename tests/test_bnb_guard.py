@@ -29,7 +29,7 @@ def _lora_grads(tiny_dir, *, guard: bool, eval_first: bool):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     batch = tok(["What is 12 + 34? 12 + 34 = 46"] * 4, return_tensors="pt")
     model = AutoModelForCausalLM.from_pretrained(
-        tiny_dir, quantization_config=models._bnb_config(torch.float32), dtype=torch.float32
+        tiny_dir, quantization_config=models.bnb_config(torch.float32), dtype=torch.float32
     )
     if guard:
         assert models.disable_bnb_cpu_repack(model) > 0

@@ -220,7 +220,7 @@ def _load_kwargs(cfg: Config, method: str) -> dict:
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if method == "qlora":
-        kwargs["quantization_config"] = _bnb_config(dtype)
+        kwargs["quantization_config"] = bnb_config(dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     return kwargs
@@ -291,7 +291,7 @@ def sync_special_ids(model, tok: TokenizerInfo) -> None:
     gc.eos_token_id = eos if len(eos) > 1 else eos[0]
 
 
-def _bnb_config(dtype):
+def bnb_config(dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

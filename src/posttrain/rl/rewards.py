@@ -112,8 +112,12 @@ def load_function(spec: str, search_dir: str | None):
     return fn
 
 
-def load_reward_model(path: str, dtype=None):
-    """A saved reward model, frozen, in eval mode; a LoRA reward adapter is merged in memory."""
+def load_reward_model(path: str, dtype=None, *, method: str | None = None, model_dtype: str | None = None,
+                      full_precision: bool = False):
+    """A saved reward model, frozen, in eval mode. A LoRA reward adapter is merged in memory; a
+    QLoRA one is applied to its base quantized to 4 bits as in training (merging it into full
+    precision weights would change its scores by the quantization error). `method` and `model_dtype`
+    (the config's model.dtype) default to what the stage's manifest recorded."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -123,8 +127,16 @@ def load_reward_model(path: str, dtype=None):
         from peft import PeftModel
 
         check_head_saved(path)
-        model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        recorded = manifest.read(path) or {}
+        if (method or recorded.get("method")) == "qlora" and not full_precision:
+            compute = models.torch_dtype(model_dtype or recorded.get("config", {}).get("model", {}).get("dtype", "auto"))
+            kwargs.update(dtype=compute, quantization_config=models.bnb_config(compute))
+            model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+            models.disable_bnb_cpu_repack(model)
+            model = PeftModel.from_pretrained(model, path)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m posttrain.rl.rewards MODEL_DIR IDS_JSON`: print the scores as JSON."""
     model_dir, ids_file = (argv or sys.argv[1:])[:2]
     payload = json.loads(Path(ids_file).read_text())
-    model = load_reward_model(model_dir)
+    model = load_reward_model(model_dir, method=payload.get("method"), model_dtype=payload.get("model_dtype"))
     print(json.dumps(score_ids(model, payload["sequences"], payload["pad_id"])))
     return 0
 

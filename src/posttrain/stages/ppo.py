@@ -82,7 +82,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     accelerator.wait_for_everyone()
     policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
     reference, ref_kind = _reference(cfg, source, policy, pc, tok)
-    reward_model = rewards.load_reward_model(rm_path).to(accelerator.device)
+    reward_model = rewards.load_reward_model(rm_path)
+    if not getattr(reward_model, "is_loaded_in_4bit", False):  # a QLoRA reward model is placed at load
+        reward_model.to(accelerator.device)
     value = rollout.ValueModel(_value_classifier(cfg, value_path, pc))
     for m in (policy, value, reward_model, reference):
         if m is not None:
@@ -184,7 +186,7 @@ def _reference(cfg: Config, source: str, policy, pc: PPOStageConfig, tok):
 def _value_classifier(cfg: Config, path: str, pc: PPOStageConfig):
     """The value model starts as the reward model: trained in full, or through its own LoRA adapter
     (the score head trained in full) when the policy is LoRA/QLoRA."""
-    model = rewards.load_reward_model(path)
+    model = rewards.load_reward_model(path, full_precision=True)
     if pc.method == "full":
         return model.requires_grad_(True)
     from peft import get_peft_model

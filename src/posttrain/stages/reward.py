@@ -79,6 +79,14 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         processing_class=tok.tokenizer,
         callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl")],
     )
+    if rc.method == "qlora":
+        # TRL casts every trainable tensor of a quantized model to bf16. The score head (trained in
+        # full, not a LoRA layer) must be in the dtype of the hidden states it reads, and the adapter
+        # in the compute dtype, or the reloaded model (adapter in that dtype) scores differently.
+        dtype = models.torch_dtype(cfg.model.dtype)
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
     if len(trainer.eval_dataset) == 0:
         raise PosttrainError(f"every held-out pair of data.{rc.data} is longer than reward.training.max_length "
                              f"{args.max_length}", fix="raise reward.training.max_length")
@@ -103,7 +111,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         return out
     if rc.method != "full":
         rewards.check_head_saved(out)
-    reload = check_reload(out, probe, pad, scores, rc.tolerance)
+    reload = check_reload(out, probe, pad, scores, rc.tolerance, method=rc.method, model_dtype=cfg.model.dtype)
 
     runtime = result.metrics.get("train_runtime", time.time() - t0)
     metrics = {
@@ -195,10 +203,11 @@ def check_padding_and_batch(model, sequences: list[list[int]], pad: int, toleran
     return right
 
 
-def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list[float], tolerance: float) -> dict:
+def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list[float], tolerance: float,
+                 method: str = "full", model_dtype: str = "auto") -> dict:
     """Load what was saved in a fresh Python process and compare its scores with the trained model's."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"sequences": sequences, "pad_id": pad}, f)
+        json.dump({"sequences": sequences, "pad_id": pad, "method": method, "model_dtype": model_dtype}, f)
     try:
         r = subprocess.run([sys.executable, "-m", "posttrain.rl.rewards", str(out), f.name],
                            capture_output=True, text=True, check=False)
