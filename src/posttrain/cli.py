@@ -112,82 +112,37 @@ def format_cmd(config: ConfigArg = None, output: OutputOpt = None, set_: SetOpt 
     stage.run(cfg, output=output, overwrite=overwrite)
 
 
-@app.command()
-@user_errors
-def sft(config: ConfigArg = None,
-        base: Annotated[str | None, typer.Option("--base", help="Start from this model or finished stage.")] = None,
-        output: OutputOpt = None, set_: SetOpt = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-        overwrite: OverwriteOpt = False) -> None:
-    """Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer."""
-    cfg = _load(config, set_, base)
-    _quiet_libraries()
-    from posttrain.stages import sft as stage
-
-    stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def dpo(config: ConfigArg = None,
-        base: Annotated[str | None, typer.Option(
-            "--base", help="Start from this finished stage (SFT output, merged or adapter) or model.")] = None,
-        output: OutputOpt = None, set_: SetOpt = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-        overwrite: OverwriteOpt = False) -> None:
-    """Preference alignment (DPO and its variants) with TRL's DPOTrainer."""
-    cfg = _load(config, set_, base)
-    _quiet_libraries()
-    from posttrain.stages import dpo as stage
-
-    stage.run(cfg, base=base, output=output, resume=resume, overwrite=overwrite)
-
-
 BaseOpt = Annotated[str | None, typer.Option(
-    "--base", help="Start from this finished stage (SFT output, merged or adapter) or model.")]
+    "--base", help="Start from this model or finished stage (a full output or a LoRA adapter).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")]
 
-
-def _training_command(stage: str, config: Path | None, base: str | None, output: str | None,
-                      set_: list[str] | None, resume: bool, overwrite: bool) -> None:
-    import importlib
-
-    cfg = _load(config, set_, base)
-    _quiet_libraries()
-    importlib.import_module(f"posttrain.stages.{stage}").run(cfg, base=base, output=output, resume=resume,
-                                                             overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def reward(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
-           resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
-    """Reward model (a one-output sequence classifier) on preference pairs with TRL's RewardTrainer."""
-    _training_command("reward", config, base, output, set_, resume, overwrite)
+# The training stages share one command shape: config, --base, --output, --set, --resume, --overwrite.
+TRAINING_COMMANDS = {
+    "sft": "Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer.",
+    "reward": "Reward model (a one-output sequence classifier) on preference pairs with TRL's RewardTrainer.",
+    "ppo": "PPO against the reward model with a KL penalty to the starting policy (posttrain's own PPO).",
+    "rloo": "RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions.",
+    "grpo": "GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions.",
+    "dpo": "Preference alignment (DPO and its variants) with TRL's DPOTrainer.",
+}
 
 
-@app.command()
-@user_errors
-def ppo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
-        resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
-    """PPO against the reward model with a KL penalty to the starting policy (posttrain's own PPO)."""
-    _training_command("ppo", config, base, output, set_, resume, overwrite)
+def _training_command(stage: str, doc: str) -> None:
+    def command(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
+                resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+        import importlib
+
+        cfg = _load(config, set_, base)
+        _quiet_libraries()
+        importlib.import_module(f"posttrain.stages.{stage}").run(cfg, base=base, output=output, resume=resume,
+                                                                 overwrite=overwrite)
+
+    command.__name__, command.__doc__ = stage, doc
+    app.command(stage)(user_errors(command))
 
 
-@app.command()
-@user_errors
-def rloo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
-         resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
-    """RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions."""
-    _training_command("rloo", config, base, output, set_, resume, overwrite)
-
-
-@app.command()
-@user_errors
-def grpo(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
-         resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
-    """GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions."""
-    _training_command("grpo", config, base, output, set_, resume, overwrite)
+for _stage, _doc in TRAINING_COMMANDS.items():
+    _training_command(_stage, _doc)
 
 
 @app.command()
