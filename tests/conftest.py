@@ -38,6 +38,24 @@ def demo_data(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module, there and in the subprocesses its stages start (the reward stage's
+    reload check): tiny models gain nothing from a second thread, and on a shared 2-core machine
+    OpenMP threads waiting for a busy core make every step many times slower.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_config(tiny_dir, demo_data, tmp_path):
     """Build a validated Config for the tiny model; `overrides` are dotted keys."""

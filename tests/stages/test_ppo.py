@@ -43,19 +43,7 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 STYLE = re.compile(r"^\s*\d+ \+ \d+ = \d+\s*$")  # the concise style, whatever the digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread for this module, here and in the subprocesses the stages start (the reward stage's
-    reload check): tiny models gain nothing from a second thread, and on a shared 2-core machine
-    OpenMP threads waiting for a busy core make every step many times slower."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw(tiny_dir, demo_data, out_root, **sections) -> dict:
