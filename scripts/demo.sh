@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline demo: tiny model + tokenizer + data built locally, then the whole chain from one
-# config (format → sft → reward → ppo → dpo → merge), then a before/after table on held-out prompts and pairs.
+# config (format → sft → reward → ppo → dpo → merge → control → eval), ending with a report.
 # No network. Usage: scripts/demo.sh. Every path comes from configs/demo.yaml (runs/demo/...).
 # Re-running skips the stages that are up to date; `make clean-demo` starts over.
 set -euo pipefail
@@ -10,19 +10,22 @@ BIN=.venv/bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 start=$(date +%s)
 
-echo "== 1/3 tiny model, tokenizer and demo data (offline) -> $DIR/tiny, $DIR/data"
+echo "== 1/2 tiny model, tokenizer and demo data (offline) -> $DIR/tiny, $DIR/data"
 $BIN/posttrain init-tiny "$DIR/tiny" --data-dir "$DIR/data"
 
-echo "== 2/3 the chain: posttrain run configs/demo.yaml (format -> sft -> reward -> ppo -> dpo -> merge)"
+echo "== 2/2 the chain: posttrain run configs/demo.yaml"
+echo "   format -> sft -> reward -> ppo -> dpo -> merge -> control (more SFT, same compute) -> eval -> report"
 $BIN/posttrain run configs/demo.yaml
 
-echo "== 3/3 held-out evaluation: the random-init base, SFT, PPO, and the merged DPO model (after PPO)"
-$BIN/python -m posttrain.demo "$DIR/data/sft_eval.jsonl" "$DIR/tiny" "$DIR/sft" "$DIR/ppo" "$DIR/merge" -n 500 \
-  --pairs "$DIR/data/pref_eval.jsonl"
+echo
+echo "== the report's tables ($DIR/report.md; plots and samples in $DIR/report.html)"
+# The held-out tables: from the first table heading to the plots.
+awk '/^## Every model/{on=1} /^!\[/{if(on) exit} on' "$DIR/report.md"
 
 echo
 echo "demo finished in $(( $(date +%s) - start )) s. Outputs:"
-echo "  $DIR/posttrain-chain.json     the chain: stages, paths, status, key metrics, lineage"
-echo "  $DIR/sft/, $DIR/reward/   the SFT model and the reward model (posttrain.json each)"
-echo "  $DIR/ppo/, $DIR/dpo/      the PPO policy and the DPO LoRA adapter on it"
-echo "  $DIR/merge/                 the merged model: loads with plain transformers"
+echo "  $DIR/report.html             the report: tables, plots, samples, lineage (opens offline)"
+echo "  $DIR/report.md               the same in Markdown, plots in $DIR/report/"
+echo "  $DIR/posttrain-chain.json    the chain: stages, paths, status, key metrics, time, memory"
+echo "  $DIR/sft/, $DIR/reward/, $DIR/ppo/, $DIR/dpo/ (LoRA on ppo), $DIR/merge/, $DIR/control/"
+echo "  $DIR/eval/                   eval.json (every metric) and generations.jsonl (every response)"

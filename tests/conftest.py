@@ -94,3 +94,20 @@ def read_losses(stage_dir) -> dict[int, float]:
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def tensorboard_scalars(root) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `root`: {tag: [(step, value)]}."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dirs = sorted({p.parent for p in Path(root).rglob("events.out.tfevents.*")})
+    assert dirs, f"no tensorboard event file under {root}"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for d in dirs:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

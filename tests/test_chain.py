@@ -431,12 +431,13 @@ def test_dry_run_checks_the_chain_without_training(tiny_dir, demo_data, tmp_path
         assert not found(out, written), found(out, written)
 
 
-@pytest.mark.parametrize("case", ["planned stage", "unknown stage", "--from not in stages", "merge after full dpo"])
+@pytest.mark.parametrize("case", ["control without sft", "unknown stage", "--from not in stages",
+                                  "merge after full dpo"])
 def test_bad_chain_input_exits_2_with_one_line(case, tiny_dir, demo_data, tmp_path):
     out = tmp_path / "out"
     args: list = []
-    if case == "planned stage":
-        raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "eval"]), ["eval", "not available"]
+    if case == "control without sft":
+        raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "control", "eval"]), ["control", "no sft"]
     elif case == "unknown stage":
         raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "rlhf"]), ["stages"]
     elif case == "--from not in stages":

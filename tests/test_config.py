@@ -111,7 +111,8 @@ def test_configs_dir_is_not_empty():
 
 def test_demo_config_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.stages == ["format", "sft", "reward", "ppo", "dpo", "merge"]
+    assert cfg.stages == ["format", "sft", "reward", "ppo", "dpo", "merge", "control", "eval"]
+    assert [s.name for s in cfg.eval.scorers] == ["exact", "concise"] and cfg.control.steps is None
     assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
     assert cfg.reward.data == "style" and cfg.ppo.ptx_coef > 0 and cfg.uses_reward_stage("ppo")
     assert cfg.grpo.rewards[0].function == "posttrain.demo:exact_reward"
@@ -592,7 +593,14 @@ CHAIN = BASE + "dpo:\n  data: pref\n"
         (["dpo.reference=adapter_disabled"], "needs dpo.method lora or qlora"),
         (["stages=[format, sft, merge]"], "whose method is full: there is no adapter"),
         (["stages=[format, merge]"], "no training stage before it"),
-        (["stages=[format, sft, eval]"], "not available in this version"),
+        (["stages=[format, control, eval]"], "stages has control (SFT continued from the sft stage's output), but no sft"),
+        (["stages=[format, sft, eval]", "eval.data=preference"], "eval.data 'preference' must name a dataset of kind sft"),
+        (["eval.pairs=sft"], "eval.pairs 'sft' must name a dataset of kind preference"),
+        (["eval.scorers=[{name: x, kind: regex}]"], "kind regex needs a pattern"),
+        (["eval.scorers=[{name: x, kind: regex, pattern: '(unclosed'}]"], "is not a regex"),
+        (["eval.scorers=[{name: x, kind: function, function: not-a-spec}]"], "is not 'module:function'"),
+        (["eval.scorers=[{name: x, kind: exact}, {name: x, kind: normalized}]"], "eval.scorers has repeated names"),
+        (["eval.decoding=[{name: g, temperature: -1}]"], "eval.decoding.0.temperature"),
         (["stages=[format, sft, ppo]"], "ppo scores with this config's reward stage, but stages has no reward"),
         (["stages=[format, sft, grpo]"], "grpo scores with this config's reward stage"),
         (["ppo.batch_size=10", "ppo.mini_batch_size=4"], "not a multiple of ppo.mini_batch_size"),

@@ -66,3 +66,13 @@ class TrainingGuard(TrainerCallback):
                 f"training loss became {loss} at step {state.global_step}",
                 fix="lower the learning rate, or use bf16 instead of fp16",
             )
+
+
+def tensorboard_into(trainer, directory: Path) -> None:
+    """TensorBoard logs of a stage go to <stage>/runs. transformers picks the directory at
+    on_train_begin, so anything logged before it (posttrain's held-out loss before training) opened
+    a writer on ./runs in the working directory and the whole run went there. Setting the directory
+    up front fixes both; TENSORBOARD_LOGGING_DIR, when set, still wins."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "") is None:
+            cb.logging_dir = str(Path(directory) / "runs")

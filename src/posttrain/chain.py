@@ -7,7 +7,8 @@ contents and its parent's identity) and then:
   - an interrupted one (checkpoints, no manifest) that started with the same key is resumed;
   - anything else runs from scratch (and `--from STAGE` forces that stage and all after it).
 Every stage checks its parent's template and special tokens before loading a model. At the end
-`<output_dir>/posttrain-chain.json` records each stage's path, status, key metrics and time.
+`<output_dir>/posttrain-chain.json` records each stage's path, status, key metrics, time and peak
+memory, and `report.md` / `report.html` (posttrain.report) set it all out.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import lineage, manifest
+from posttrain import lineage, manifest, report
 from posttrain.config import Config
-from posttrain.console import console, fmt, summary
+from posttrain.console import PeakMemory, console, fmt, summary
 from posttrain.errors import PosttrainError
 
 SUMMARY = "posttrain-chain.json"
@@ -38,7 +39,8 @@ def plan(cfg: Config) -> list[Step]:
     steps, current = [], cfg.model.name_or_path
     for stage in cfg.stages:
         out = Path(cfg.output_dir) / stage
-        parent = None if stage == "format" else (cfg.reward.init or current) if stage == "reward" else current
+        parent = {"format": None, "eval": None, "reward": cfg.reward.init or current,
+                  "control": str(Path(cfg.output_dir) / "sft")}.get(stage, current)
         steps.append(Step(stage, out, parent))
         if stage in config_mod.MODEL_STAGES or stage == "merge":
             current = str(out)
@@ -54,31 +56,46 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False) ->
     t0 = time.time()
     forced = False
     record = []
+    path = Path(cfg.output_dir) / SUMMARY
+    earlier = _earlier_records(path)
     for step in steps:
         forced = forced or step.stage == from_stage
         key = lineage.stage_key(cfg, step.stage, step.parent)
         status = decide(step, key, forced)
         console.rule(f"{step.stage}: {status}")
         s0 = time.time()
-        if status != "up to date":
-            _run_stage(cfg, step, resume=status == "resuming")
+        with PeakMemory() as peak:
+            if status != "up to date":
+                _run_stage(cfg, step, resume=status == "resuming")
         m = manifest.read(step.output) or {}
-        record.append({"stage": step.stage, "path": str(step.output), "parent": step.parent,
-                       "status": "up to date" if status == "up to date" else "resumed" if status == "resuming"
-                       else "ran", "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
-                       "metrics": key_metrics(m)})
+        entry = {"stage": step.stage, "path": str(step.output), "parent": step.parent,
+                 "status": "up to date" if status == "up to date" else "resumed" if status == "resuming" else "ran",
+                 "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
+                 "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "metrics": key_metrics(m)}
+        before = earlier.get(step.stage, {})
+        if status == "up to date" and before.get("inputs_key") == entry["inputs_key"]:
+            # what it cost when it ran, not the 0 s of skipping it
+            entry.update({k: before.get(k) for k in ("seconds", "peak_rss_mb", "peak_cuda_mb")})
+        record.append(entry)
     result = {"config": config_mod.to_dict(cfg), "stages": record, "wall_time_s": round(time.time() - t0, 1),
               "finished": manifest.now(), "versions": manifest.versions(), "git_commit": manifest.git_commit()}
-    path = Path(cfg.output_dir) / SUMMARY
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(path)
+    md, html = report.write(cfg.output_dir)
     summary(f"chain: {' → '.join(cfg.stages)}", {
         r["stage"]: f"{r['status']} ({r['seconds']:.0f} s)  {r['path']}  "
         + "  ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())
         for r in record
-    } | {"total": f"{result['wall_time_s']:.0f} s; lineage in {path}"})
+    } | {"total": f"{result['wall_time_s']:.0f} s; lineage in {path}", "report": f"{md}, {html}"})
     return result
+
+
+def _earlier_records(path: Path) -> dict:
+    try:
+        return {r["stage"]: r for r in json.loads(path.read_text()).get("stages", [])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
 
 
 def decide(step: Step, key: str, forced: bool) -> str:
@@ -102,6 +119,11 @@ def _run_stage(cfg: Config, step: Step, *, resume: bool) -> None:
 
         format_stage.run(cfg, output=str(step.output), overwrite=True)
         return
+    if step.stage == "eval":
+        from posttrain.stages import eval as eval_stage
+
+        eval_stage.run(cfg, output=str(step.output), overwrite=True)
+        return
     module = importlib.import_module(f"posttrain.stages.{step.stage}")
     module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)
 
@@ -123,6 +145,10 @@ def key_metrics(m: dict) -> dict:
     if stage in ("ppo", "rloo", "grpo"):
         return {"score": f"{fmt(metrics.get('score_first'))} → {fmt(metrics.get('score_last'))}",
                 "kl": metrics.get("kl_last"), "steps": metrics.get("steps")}
+    if stage == "control":
+        return {"eval loss": metrics.get("eval_loss_after"), "steps": metrics.get("steps")}
+    if stage == "eval":
+        return {"models": len(m.get("models", [])), "prompts": m.get("settings", {}).get("prompts")}
     if stage == "merge":
         return {"parity Δ": checks.get("parity", {}).get("max_abs_diff"),
                 "stops": checks.get("reload", {}).get("stopped")}

@@ -2,7 +2,7 @@
 `PosttrainError` into one line on stderr and exit code 2 (`--debug` shows the traceback).
 
 Imports of torch, transformers and trl happen inside the commands, so `--help` and `validate`
-stay instant. The eval stage arrives with its issue and is not listed until it works.
+stay instant.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ TRAINING_COMMANDS = {
     "rloo": "RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions.",
     "grpo": "GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions.",
     "dpo": "Preference alignment (DPO and its variants) with TRL's DPOTrainer.",
+    "control": "The report's control row: the SFT model trained on with SFT for the compute of the later stages.",
 }
 
 
@@ -159,6 +160,38 @@ def merge(config: ConfigArg = None,
     stage.run(cfg, base=base, output=output, overwrite=overwrite)
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(config: ConfigArg = None,
+             models: Annotated[list[str] | None, typer.Option(
+                 "--models", help="Model or adapter directories to compare (repeat the option); default: the base "
+                 "model and every model stage of the config's chain.")] = None,
+             output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    """Evaluate models on the same held-out data with the same recorded settings (eval.json), then
+    rewrite the report of the config's output directory."""
+    cfg = _load(config, set_)
+    _quiet_libraries()
+    from posttrain import report
+    from posttrain.stages import eval as stage
+
+    out = stage.run(cfg, output=output, overwrite=overwrite, models_=models)
+    if out.parent.resolve() == Path(cfg.output_dir).resolve() and out.name == "eval":
+        md, html = report.write(cfg.output_dir)
+        typer.echo(f"report: {md}, {html}")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(directory: Annotated[Path, typer.Argument(help="A chain's output directory (output_dir).")]) -> None:
+    """Write report.md and report.html for a chain's output directory from what it holds."""
+    from posttrain import report
+
+    if not directory.is_dir():
+        raise PosttrainError(f"'{directory}' is not a directory", fix="give a chain's output_dir")
+    md, html = report.write(directory)
+    typer.echo(f"report: {md}, {html}")
+
+
 @app.command()
 @user_errors
 def run(config: Annotated[Path, typer.Argument(help="YAML config holding the chain (stages:).")],
@@ -167,7 +200,8 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config holding the cha
         dry_run: Annotated[bool, typer.Option(
             "--dry-run", help="Validate the chain and show each stage's settings and a rendered sample.")] = False,
         ) -> None:
-    """Run the chain in stages: (format → sft → reward → ppo → dpo → merge), skipping stages that are up to date."""
+    """Run the chain in stages: (format → sft → reward → ppo → dpo → merge → control → eval), skipping
+    stages that are up to date; ends with report.md / report.html in output_dir."""
     cfg = _load(config, set_)
     _quiet_libraries()
     from posttrain import chain

@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from posttrain.errors import PosttrainError, did_you_mean
 
-STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "eval")
-AVAILABLE_STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge")
+STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval")
 # Training stages whose output is the policy the next stage starts from. The reward stage is not
 # one: it branches off the policy, and the RL stages read it as their reward model.
 MODEL_STAGES = ("sft", "ppo", "rloo", "grpo", "dpo")
@@ -245,6 +244,10 @@ class PPOStageConfig(RewardGate):
     cliprange_value: float = Field(0.2, gt=0.0)
     vf_coef: float = Field(0.1, ge=0.0)
     logging_steps: int = Field(1, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+                            "swanlab"]] = Field(
+        default_factory=list, description="Trackers that also get the metrics (through accelerate; the tracker's "
+        "package must be installed). metrics.jsonl is always written.")
     sample_every: int = Field(10, ge=1, description="Print and keep sample responses every N iterations.")
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(2, ge=1)
@@ -291,11 +294,102 @@ class MergeStageConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Generation budget of the stop check.")
 
 
+class ControlStageConfig(Strict):
+    """The control row of the report: the SFT model trained on with SFT for as much compute as the
+    stages after SFT used, so that no stage is credited with what more SFT would have done."""
+
+    steps: int | None = Field(
+        None, ge=1, description="SFT steps to continue for. Unset: matched to the training sequences the chain's "
+        "stages between sft and control processed (recorded in their manifests as train_sequences), divided by "
+        "SFT's global batch size.")
+
+
+class ScorerConfig(Strict):
+    """A task score for verifiable answers: the generated response against the reference (the
+    eval conversation's last assistant turn)."""
+
+    name: str = Field(description="Column name in the report, e.g. exact.")
+    kind: Literal["exact", "normalized", "regex", "function"] = Field(
+        description="exact: response == reference (stripped); normalized: equal after lower-casing and removing "
+        "punctuation, articles and extra spaces; regex: the pattern's first group in the response equals it in "
+        "the reference (no group: the pattern matches the response); function: 'module:function'.")
+    pattern: str | None = Field(None, description="For kind regex (searched, so anchor it if needed).")
+    function: str | None = Field(
+        None, description="For kind function: called as f(prompts, completions, reference=[...]) -> list[float], "
+        "the same shape as an RL reward function; module is a file next to the config or an installed module.")
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> ScorerConfig:
+        if (self.kind == "regex") != (self.pattern is not None):
+            raise ValueError(f"scorer '{self.name}': pattern is for kind regex, and kind regex needs a pattern")
+        if (self.kind == "function") != (self.function is not None):
+            raise ValueError(f"scorer '{self.name}': function is for kind function, and kind function needs one")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"scorer '{self.name}': pattern {self.pattern!r} is not a regex ({e})") from None
+        if self.function is not None and not re.fullmatch(r"[\w.]+:\w+", self.function):
+            raise ValueError(f"scorer '{self.name}': function '{self.function}' is not 'module:function'")
+        return self
+
+
+class DecodingConfig(Strict):
+    """One way of generating the eval responses; every model is generated from with each."""
+
+    name: str = "greedy"
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks run on every full (merged or full-trained) model; needs the
+    lm-eval extra (`pip install 'posttrain[lm-eval]'`)."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (built in or in include_path).")
+    include_path: str | None = Field(None, description="Directory of custom task YAMLs (offline tasks).")
+    limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool = Field(True, description="Prompt through each model's chat template.")
+
+
+class EvalStageConfig(Strict):
+    """`posttrain eval`: every model on the same held-out data with the same recorded settings."""
+
+    models: list[str] | None = Field(
+        None, description="Model or adapter directories (or Hub ids) to compare. Unset: the base model and each "
+        "model stage of this chain (sft, control, ppo/rloo/grpo, dpo, merge) that is in stages.")
+    data: str = Field("sft", description="Dataset (kind sft) whose held-out conversations give the prompts (all "
+                      "turns before the last assistant turn), the references (that turn) and the NLL.")
+    pairs: str | None = Field(None, description="Preference dataset for held-out preference accuracy. Unset: "
+                              "dpo.data (or reward.data) when it is under data:.")
+    max_samples: int = Field(200, ge=1, description="Held-out prompts (and pairs, conversations) evaluated.")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    decoding: list[DecodingConfig] = Field(default_factory=lambda: [DecodingConfig()], min_length=1)
+    seed: int | None = Field(None, description="Sampling seed; unset: the top-level seed.")
+    scorers: list[ScorerConfig] = Field(default_factory=list, description="Task scores (verifiable answers).")
+    reward_model: str | None = Field(None, description="Judges generations (score, win rates). Unset: this "
+                                     "config's reward stage when it is in stages; none otherwise.")
+    kl_reference: str | None = Field(None, description="KL(model || this) on eval prompts. Unset: this "
+                                     "config's sft stage when it is in stages.")
+    show_samples: int = Field(8, ge=0, description="Prompts whose responses the report shows side by side.")
+    lm_eval: LmEvalConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalStageConfig:
+        for what, names in (("scorers", [s.name for s in self.scorers]), ("decoding", [d.name for d in self.decoding])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"eval.{what} has repeated names {names}")
+        return self
+
+
 class Config(Strict):
     model: ModelConfig
     template: TemplateConfig = Field(default_factory=TemplateConfig)
     data: dict[str, DataConfig] = Field(default_factory=dict)
-    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "eval"]] = Field(
+    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval"]] = Field(
         default_factory=lambda: ["format", "sft"]
     )
     output_dir: str = "runs/posttrain"
@@ -308,6 +402,8 @@ class Config(Strict):
     grpo: OnlineStageConfig = Field(default_factory=OnlineStageConfig)
     dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
     merge: MergeStageConfig = Field(default_factory=MergeStageConfig)
+    control: ControlStageConfig = Field(default_factory=ControlStageConfig)
+    eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
     # The directory of the YAML file: reward functions (`module:function`) are imported from there
     # or from installed packages, nowhere else.
     _source_dir: str | None = PrivateAttr(None)
@@ -318,10 +414,6 @@ class Config(Strict):
         order = [STAGES.index(s) for s in v]
         if order != sorted(set(order)):
             raise ValueError(f"stages must be a subsequence of {list(STAGES)} without repeats")
-        planned = [s for s in v if s not in AVAILABLE_STAGES]
-        if planned:
-            raise ValueError(f"stage(s) {planned} are not available in this version of posttrain "
-                             f"(available: {', '.join(AVAILABLE_STAGES)})")
         return v
 
     def uses_reward_stage(self, stage: str) -> bool:
@@ -359,6 +451,15 @@ class Config(Strict):
             if stage in self.stages and self.uses_reward_stage(stage) and "reward" not in self.stages:
                 raise ValueError(f"{stage} scores with this config's reward stage, but stages has no reward before it "
                                  f"(add reward to stages, or name a reward model or function in {stage})")
+        if "control" in self.stages and "sft" not in self.stages:
+            raise ValueError("stages has control (SFT continued from the sft stage's output), but no sft stage")
+        if self.eval.data not in self.data or self.data[self.eval.data].kind != "sft":
+            if "eval" in self.stages:
+                raise ValueError(f"eval.data '{self.eval.data}' must name a dataset of kind sft under data: "
+                                 f"(the held-out conversations every model is evaluated on)")
+        if self.eval.pairs is not None and (self.eval.pairs not in self.data
+                                            or self.data[self.eval.pairs].kind != "preference"):
+            raise ValueError(f"eval.pairs '{self.eval.pairs}' must name a dataset of kind preference under data:")
         if "merge" in self.stages:
             before = [s for s in self.stages[: self.stages.index("merge")] if s in MODEL_STAGES]
             if not before:

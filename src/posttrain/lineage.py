@@ -23,16 +23,77 @@ def datasets_of(cfg: Config, stage: str) -> list[str]:
     """Names of the datasets under data: that a stage reads."""
     if stage == "format":
         return cfg.format.datasets or list(cfg.data)
-    section = getattr(cfg, stage, None)
+    if stage == "eval":
+        return [n for n in (cfg.eval.data, eval_pairs(cfg)) if n in cfg.data]
+    section = getattr(cfg, "sft" if stage == "control" else stage, None)
     name = getattr(section, "data", None)
     return [name] if name in cfg.data else []
 
 
-def reward_models_of(cfg: Config, stage: str) -> list[str]:
-    """The reward-model directories an RL stage reads (this config's reward stage or named ones):
-    part of its key, so a retrained reward model reruns the stage."""
+# Stages whose output is a model the eval stage compares (the reward model is a judge, not a row).
+EVAL_MODEL_STAGES = ("sft", "control", "ppo", "rloo", "grpo", "dpo", "merge")
+
+
+def stage_dir(cfg: Config, stage: str) -> str:
+    return str(Path(cfg.output_dir) / stage)
+
+
+def eval_models(cfg: Config) -> list[tuple[str, str]]:
+    """(label, path) of each model the eval stage compares, in table order: eval.models (labelled by
+    their stage, or directory name), else the base model and the chain's model stages, with the
+    control (more SFT) right after the SFT it continues."""
+    if cfg.eval.models:
+        out, seen = [], set()
+        for path in cfg.eval.models:
+            label = ((manifest.read(path) if Path(path).is_dir() else None) or {}).get("stage") or Path(path).name
+            while label in seen:
+                label += "'"
+            seen.add(label)
+            out.append((label, path))
+        return out
+    order = sorted((s for s in cfg.stages if s in EVAL_MODEL_STAGES), key=EVAL_MODEL_STAGES.index)
+    return [("base", cfg.model.name_or_path)] + [(s, stage_dir(cfg, s)) for s in order]
+
+
+def eval_judges(cfg: Config) -> tuple[str | None, str | None]:
+    """The reward model that scores eval generations and the KL reference: eval.reward_model /
+    eval.kl_reference, else this chain's reward / sft stage when it is in stages and finished."""
+    def chain(stage: str) -> str | None:
+        d = stage_dir(cfg, stage)
+        return d if stage in cfg.stages and manifest.is_finished(d) else None
+
+    return cfg.eval.reward_model or chain("reward"), cfg.eval.kl_reference or chain("sft")
+
+
+def eval_pairs(cfg: Config) -> str | None:
+    """The preference dataset for held-out preference accuracy: eval.pairs, else dpo's, else reward's."""
+    if cfg.eval.pairs is not None:
+        return cfg.eval.pairs
+    for name in (cfg.dpo.data, cfg.reward.data):
+        if name in cfg.data and cfg.data[name].kind == "preference":
+            return name
+    return None
+
+
+def control_matches(cfg: Config) -> list[str]:
+    """The stages whose training the control stage matches with more SFT: those after sft (in the
+    chain) that train something, up to control."""
+    from posttrain.config import MODEL_STAGES
+
+    stages = cfg.stages[cfg.stages.index("sft") + 1:] if "sft" in cfg.stages else []
+    return [s for s in stages if s in (*MODEL_STAGES, "reward") and s != "control"]
+
+
+def reads_of(cfg: Config, stage: str) -> list[str]:
+    """Directories a stage reads besides its parent: part of its key, so that a change in any of
+    them reruns it. RL stages: their reward models; eval: every model it compares and its judges;
+    control: the stages whose compute it matches."""
     from posttrain.config import RL_STAGES
 
+    if stage == "eval":
+        return [p for _, p in eval_models(cfg)] + [p for p in eval_judges(cfg) if p]
+    if stage == "control":
+        return [stage_dir(cfg, s) for s in control_matches(cfg)] if cfg.control.steps is None else []
     if stage not in RL_STAGES:
         return []
     chain_rm = str(Path(cfg.output_dir) / "reward")
@@ -86,7 +147,9 @@ def stage_key(cfg: Config, stage: str, parent: str | None) -> str:
         if module.is_file():  # a reward function next to the config: its code decides the output
             files[str(module)] = file_hash(module)
     parent_info = parent_record(parent)
-    readers = [[r["path"], r["hash"]] for r in map(parent_record, reward_models_of(cfg, stage))]
+    if stage == "control":  # it trains with the sft section's settings
+        relevant["sft"] = d["sft"]
+    readers = [[r["path"], r["hash"]] for r in map(parent_record, reads_of(cfg, stage))]
     blob = json.dumps([relevant, files, parent_info and [parent_info["path"], parent_info["hash"]], *readers],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -35,6 +35,7 @@ from posttrain.config import PPOStageConfig, validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import rollout
 from posttrain.stages import merge, ppo, reward, sft
+from tests.conftest import tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -561,3 +562,12 @@ def test_ppo_data_missing_is_a_clean_error(make_config):
     cfg = make_config(ppo__data="prompts")
     with pytest.raises(PosttrainError, match="ppo.data names dataset 'prompts'"):
         ppo.run(cfg)
+
+
+def test_report_to_tensorboard_gets_the_same_metrics(ppo_config, sft_dir, tmp_path):
+    cfg = ppo_config(steps=2, report_to=["tensorboard"])
+    out = ppo.run(cfg, base=str(sft_dir), output=str(tmp_path / "ppo"))
+    logged = tensorboard_scalars(out / "runs")
+    jsonl = _logs(out)
+    assert [v for _, v in logged["score"]] == pytest.approx([r["score"] for r in jsonl])
+    assert [s for s, _ in logged["kl"]] == [1, 2]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from posttrain import manifest
 from posttrain.errors import PosttrainError
 from posttrain.stages import sft
-from tests.conftest import read_losses
+from tests.conftest import read_losses, tensorboard_scalars
 
 
 def _generate(model, tok) -> list[int]:
@@ -126,3 +126,17 @@ def test_nothing_trains_is_loud(make_config):
     with pytest.raises(PosttrainError, match="no trainable parameter changed"):
         sft.run(cfg)
     assert not manifest.is_finished(cfg.output_dir + "/sft")
+
+
+def test_report_to_tensorboard_passes_through_to_the_trainer(make_config, tmp_path, monkeypatch):
+    """The losses reach TensorBoard under <stage>/runs, all of them: transformers alone would send
+    those logged before its on_train_begin (and, through that writer, the whole run) to ./runs."""
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(sft__training={"max_steps": 6, "per_device_train_batch_size": 8, "logging_steps": 2,
+                                     "save_steps": 1000, "max_length": 64, "gradient_checkpointing": False,
+                                     "report_to": ["tensorboard"]})
+    out = sft.run(cfg, output=str(tmp_path / "sft"))
+    logged = tensorboard_scalars(out / "runs")
+    assert [v for _, v in logged["train/loss"]] == pytest.approx(list(read_losses(out).values()))
+    assert len(logged["eval/loss"]) == 2  # before and after training
+    assert not (tmp_path / "runs").exists()

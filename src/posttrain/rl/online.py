@@ -83,7 +83,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     sources = resolve_rewards(cfg, section, stage, tok)
     import trl
 
-    from posttrain.callbacks import MetricsJsonl
+    from posttrain.callbacks import MetricsJsonl, tensorboard_into
 
     config_cls, trainer_cls = (getattr(trl, name) for name in TRAINERS[stage])
     kwargs = common.trainer_kwargs(cfg, stage, out, has_eval=eval_ds is not None)
@@ -120,6 +120,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
             callbacks=[guard, MetricsJsonl(out / "metrics.jsonl")],
         )
     guard.trainer = trainer
+    tensorboard_into(trainer, out)
     trainer.reward_func_names = [r.name for r in sources]  # TRL names models after their config's path
     _match_reference_adapter(trainer.model)
     check_stops_at_end_of_turn(trainer, args, tok, stage)
@@ -141,6 +142,9 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
         "num_generations": args.num_generations,
+        # each completion is generated once and trained on num_iterations times
+        "train_sequences": round(trainer.state.global_step * common.global_batch_size(args)
+                                 * (1 + 1 / getattr(args, "num_iterations", 1))),
     }
     common.write_manifest(
         out, stage, cfg, tok, parent=source, key=key, started=started,

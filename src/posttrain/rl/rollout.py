@@ -51,9 +51,12 @@ def cut_at_end_of_turn(generated: torch.Tensor, eot_id: int, pad_id: int) -> tup
 @torch.no_grad()
 def sample(policy, queries: torch.Tensor, query_mask: torch.Tensor, *, eot_id: int, pad_id: int,
            temperature: float, top_p: float, max_new_tokens: int) -> Batch:
+    """Responses to left-padded queries, cut at the end-of-turn token; greedy when temperature is 0."""
+    decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     out = policy.generate(
-        input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=temperature, top_p=top_p,
-        top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
+        input_ids=queries, attention_mask=query_mask, **decoding,
+        max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
     )
     generated = out[:, queries.shape[1]:]
     if generated.shape[1] == 0:

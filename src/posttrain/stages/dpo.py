@@ -66,7 +66,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. policy, reference, trainer
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard
+    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -90,6 +90,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         peft_config=peft_config,
         callbacks=[TrainingGuard(model), DPOGuard(args, dc.collapse_loss), MetricsJsonl(out / "metrics.jsonl")],
     )
+    tensorboard_into(trainer, out)
     trainable, total = models.trainable_parameters(trainer.model)
 
     # 4. step 0: the reference really is the starting model
@@ -121,6 +122,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
+        "train_sequences": 2 * state.global_step * common.global_batch_size(args),  # chosen + rejected
     }
     common.write_manifest(
         out, "dpo", cfg, tok, parent=source, key=key, started=started,

@@ -74,12 +74,16 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     from posttrain.rl import rollout
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=pc.report_to or None,
+                              project_dir=str(out / "runs"))
     set_seed(cfg.seed + accelerator.process_index)
     if accelerator.is_main_process:
         manifest.prepare_output(out, overwrite=True, resume=resume)
         lineage.mark_started(out, key)
     accelerator.wait_for_everyone()
+    if pc.report_to:  # the trackers the HF trainers would use, fed the same numbers as metrics.jsonl
+        accelerator.init_trackers("ppo", config={k: v for k, v in pc.model_dump().items()
+                                                 if isinstance(v, (int, float, str, bool))})
     policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
     reference, ref_kind = _reference(cfg, source, policy, pc, tok)
     reward_model = rewards.load_reward_model(rm_path)
@@ -101,6 +105,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 4. train
     loop.train()
+    if pc.report_to:
+        accelerator.end_training()
 
     # 5. save the policy, re-open, manifest
     accelerator.wait_for_everyone()
@@ -116,6 +122,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "processes": accelerator.num_processes,
+        # one per rollout (generation and the scoring forwards) + each training pass (and its ptx batch)
+        "train_sequences": pc.steps * pc.batch_size * accelerator.num_processes
+        * (1 + pc.ppo_epochs * (2 if pc.ptx_coef > 0 else 1)),
     })
     common.write_manifest(
         out, "ppo", cfg, tok, parent=source, key=key, started=started,
@@ -230,6 +239,8 @@ class Loop:
             if self.acc.is_main_process:
                 with (self.out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(self.history[-1]) + "\n")
+                if self.pc.report_to:
+                    self.acc.log(stats, step=it + 1)
                 if (it + 1) % self.pc.logging_steps == 0 or it == 0:
                     console.print(f"ppo {it + 1}/{self.pc.steps}  " + "  ".join(
                         f"{k} {fmt(round(v, 4))}" for k, v in stats.items() if k in LOGGED))

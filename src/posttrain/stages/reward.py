@@ -62,7 +62,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard
+    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -79,6 +79,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         processing_class=tok.tokenizer,
         callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl")],
     )
+    tensorboard_into(trainer, out)
     if rc.method == "qlora":
         # TRL casts every trainable tensor of a quantized model to bf16. The score head (trained in
         # full, not a LoRA layer) must be in the dtype of the hidden states it reads, and the adapter
@@ -123,6 +124,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
+        "train_sequences": 2 * trainer.state.global_step * common.global_batch_size(args),  # chosen + rejected
     }
     common.write_manifest(
         out, "reward", cfg, tok, parent=source, key=key, started=started,

@@ -23,13 +23,16 @@ from posttrain.stages import format as format_stage
 
 
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,
-        resume: bool = False, overwrite: bool = False) -> Path:
+        resume: bool = False, overwrite: bool = False, stage: str = "sft", max_steps: int | None = None,
+        record: dict | None = None) -> Path:
+    """`stage`, `max_steps` and `record` (extra manifest fields) are for the control stage: SFT
+    continued from the SFT output, written as its own stage."""
     started, t0 = manifest.now(), time.time()
     sc = cfg.sft
-    out = stage_output(cfg, "sft", output)
-    source = common.resolve_base(base or cfg.model.name_or_path)
+    out = stage_output(cfg, stage, output)
+    source = common.resolve_base(base or cfg.model.name_or_path, allow_adapter=stage == "control")
     last_checkpoint = common.check_output(out, source, resume=resume, overwrite=overwrite)
-    key = lineage.stage_key(cfg, "sft", source)
+    key = lineage.stage_key(cfg, stage, source)
 
     # 2. tokenizer, template and data, all checked before the model is loaded
     tok = models.load_tokenizer(cfg, source, need_masks=sc.assistant_only_loss)
@@ -38,7 +41,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. model and trainer config
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard
+    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -47,6 +50,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     trainable, total = models.trainable_parameters(model)
     kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=eval_ds is not None)
     kwargs["assistant_only_loss"] = sc.assistant_only_loss
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     args = SFTConfig(**kwargs)
     trainer = SFTTrainer(
@@ -57,6 +62,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         processing_class=tok.tokenizer,
         callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl")],
     )
+    tensorboard_into(trainer, out)
     _check_labels(trainer.train_dataset)
 
     # 4. train (held-out loss before and after, so the summary shows what SFT did)
@@ -82,9 +88,11 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
+        "train_sequences": state.global_step * common.global_batch_size(args),
     }
     common.write_manifest(
-        out, "sft", cfg, tok, parent=source, key=key, started=started,
+        out, stage, cfg, tok, parent=source, key=key, started=started,
+        **(record or {}),
         method=sc.method,
         adapter_base=common.adapter_base_of(source, sc.method),
         data=data_record,
@@ -96,7 +104,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     )
     loss_line = f"{eval_before:.4f} → {eval_after:.4f}" if eval_before is not None and eval_after is not None \
         else eval_after
-    summary("sft", {
+    summary(stage, {
         "method": f"{sc.method} ({trainable:,} of {total:,} parameters trained)",
         "steps": metrics["steps"],
         "final train loss": metrics["train_loss_final"],
