@@ -200,7 +200,8 @@ def lineage_blocks(stages: list[dict]) -> list[Block]:
         peak = r.get("peak_rss_mb")
         mem = "–" if peak is None else f"{peak:,.0f} MB RSS" + (f", {r['peak_cuda_mb']:,.0f} MB CUDA"
                                                                 if r.get("peak_cuda_mb") else "")
-        rows.append([r["stage"], r["path"], str(parent.get("path") or r.get("parent") or "data"),
+        source = {"format": "data sources", "eval": "the models in the tables"}.get(r["stage"], "–")
+        rows.append([r["stage"], r["path"], str(parent.get("path") or r.get("parent") or source),
                      str(parent.get("hash") or "–"), str(m.get("inputs_key") or "–"), m.get("method", "–"),
                      r.get("status", "–"), "–" if r.get("seconds") is None else f"{r['seconds']:.0f} s", mem,
                      _key_metrics(r.get("metrics") or {})])
