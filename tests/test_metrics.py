@@ -4,6 +4,7 @@ must score 1 and responses that must score 0."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -61,16 +62,10 @@ def test_distribution():
     assert metrics.distribution([]) == {}
 
 
-def test_token_logprobs_and_masked_sums():
-    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: every log-prob is -log 4
-    ids = torch.tensor([[0, 1, 2]])
-    logps = metrics.token_logprobs(logits, ids)
-    assert logps.shape == (1, 2)
-    assert torch.allclose(logps, torch.full((1, 2), -math.log(4)))
-    assert metrics.masked_sums(logps, torch.tensor([[0.0, 1.0]])) == pytest.approx([-math.log(4)])
-    sure = torch.full((1, 3, 4), -30.0)
-    sure[0, 0, 1], sure[0, 1, 2] = 30.0, 30.0  # a model certain of the next tokens: NLL 0
-    assert metrics.masked_sums(metrics.token_logprobs(sure, ids), torch.ones(1, 2)) == pytest.approx([0.0], abs=1e-6)
+def test_masked_sums():
+    values = torch.tensor([[-1.0, -2.0, -4.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert metrics.masked_sums(values, mask) == pytest.approx([-6.0, -0.5])
 
 
 def test_kl_per_sequence_by_hand():
@@ -80,48 +75,104 @@ def test_kl_per_sequence_by_hand():
     assert metrics.kl_per_sequence(p, q, torch.ones(1, 2)) == pytest.approx([by_hand], rel=1e-5)
     assert metrics.kl_per_sequence(p, q, torch.tensor([[0.0, 1.0]])) == pytest.approx([0.0], abs=1e-7)
     assert metrics.kl_per_sequence(p, p, torch.ones(1, 2)) == pytest.approx([0.0], abs=1e-7)
+    # a token the model rules out (logit -inf) adds 0 · log 0 = 0, not NaN
+    sure = torch.tensor([[[0.0, float("-inf")]]])
+    assert metrics.kl_per_sequence(sure, torch.log(torch.tensor([[[0.5, 0.5]]])), torch.ones(1, 1)) == \
+        pytest.approx([math.log(2)])
 
 
 # ---------------------------------------------------------------------------------------------
-# The eval stage's scorers, through the config (builtin kinds and a module:function)
+# The eval stage's scorers, through the config (builtin kinds and module:function)
+
+PROMPTS = [[{"role": "user", "content": "What is 39 + 45?"}], [{"role": "user", "content": "What is 10 + 20?"}]]
+REFS = ["39 + 45 = 84", "10 + 20 = 30"]
+SCORERS_PY = """
+def no_reference(prompts, completions):          # takes no `reference`: it is not passed
+    return [1.0 for _ in completions]
+def abstains(prompts, completions, reference):   # None = no opinion: left out of the mean
+    return [None, 1.0]
+def too_few(prompts, completions, **kw):
+    return [1.0]
+def nan(prompts, completions, **kw):
+    return [float("nan"), 1.0]
+def inf(prompts, completions, **kw):
+    return [float("inf"), 1.0]
+def text(prompts, completions, **kw):
+    return ["yes", "no"]
+def scalar(prompts, completions, **kw):
+    return 1.0
+def raises(prompts, completions, **kw):
+    raise KeyError("answer")
+"""
 
 
-@pytest.fixture
-def scored(make_config):
+def _scored(make_config, tmp_path, scorers: list[dict], texts: list[str]) -> dict:
     from posttrain.stages import eval as eval_stage
 
-    cfg = make_config(eval__scorers=[
-        {"name": "exact", "kind": "exact"},
-        {"name": "norm", "kind": "normalized"},
-        {"name": "last_number", "kind": "regex", "pattern": r"(-?\d+)\D*$"},
-        {"name": "verifier", "kind": "function", "function": "posttrain.demo:exact_reward"},
-    ])
-    prompts = [[{"role": "user", "content": "What is 39 + 45?"}], [{"role": "user", "content": "What is 10 + 20?"}]]
-    refs = ["39 + 45 = 84", "10 + 20 = 30"]
-    held = eval_stage.HeldOut(prompts, refs, [])
-
-    def run(texts: list[str]) -> dict:
-        gens = [{"text": t, "ids": [5, 6, 9], "ended": True} for t in texts]
-        return eval_stage.generation_metrics(cfg, gens, held)
-
-    return run
+    (tmp_path / "my_scorers.py").write_text(SCORERS_PY)
+    cfg = make_config(eval__scorers=scorers)
+    cfg._source_dir = str(tmp_path)  # as load_config sets it: the config's directory
+    gens = [{"text": t, "ids": [5, 6, 9], "ended": True} for t in texts]
+    return eval_stage.generation_metrics(eval_stage.load_scorers(cfg), gens, eval_stage.HeldOut(PROMPTS, REFS, []))
 
 
-def test_right_answers_score_1_and_wrong_ones_0(scored):
-    right = scored(["39 + 45 = 84", "10 + 20 = 30"])
+BUILTIN = [{"name": "exact", "kind": "exact"}, {"name": "norm", "kind": "normalized"},
+           {"name": "last_number", "kind": "regex", "pattern": r"(-?\d+)\D*$"},
+           {"name": "verifier", "kind": "function", "function": "posttrain.demo:exact_reward"}]
+
+
+def test_right_answers_score_1_and_wrong_ones_0(make_config, tmp_path):
+    right = _scored(make_config, tmp_path, BUILTIN, ["39 + 45 = 84", "10 + 20 = 30"])
     assert right["scores"] == {"exact": 1.0, "norm": 1.0, "last_number": 1.0, "verifier": 1.0}
-    wrong = scored(["39 + 45 = 85", "I don't know"])
+    wrong = _scored(make_config, tmp_path, BUILTIN, ["39 + 45 = 85", "I don't know"])
     assert wrong["scores"] == {"exact": 0.0, "norm": 0.0, "last_number": 0.0, "verifier": 0.0}
-    verbose = scored(["Well, I think the answer is 84.", "Well, I think the answer is 30."])
+    verbose = _scored(make_config, tmp_path, BUILTIN, ["Well, I think the answer is 84.", "Well, it is 30."])
     assert verbose["scores"] == {"exact": 0.0, "norm": 0.0, "last_number": 1.0, "verifier": 1.0}
     assert right["ended"] == 1.0 and right["length"] == 2  # the end-of-turn token is not counted
 
 
-def test_a_broken_scorer_function_is_a_clean_error(make_config, tmp_path):
+def test_function_scorers_are_called_like_reward_functions(make_config, tmp_path):
+    got = _scored(make_config, tmp_path, [{"name": "a", "kind": "function", "function": "my_scorers:no_reference"},
+                                          {"name": "b", "kind": "function", "function": "my_scorers:abstains"}],
+                  ["x", "y"])
+    assert got["scores"] == {"a": 1.0, "b": 1.0} and got["per_response"]["b"] == [None, 1.0]
+
+
+@pytest.mark.parametrize(("fn", "message"), [
+    ("too_few", "returned 1 scores for 2 completions"),
+    ("nan", "not a finite number"),
+    ("inf", "not a finite number"),
+    ("text", "'yes' (str)"),
+    ("scalar", "returned float, not a list"),
+    ("raises", "raised KeyError"),
+])
+def test_a_broken_scorer_function_is_a_clean_error(fn, message, make_config, tmp_path):
     from posttrain.errors import PosttrainError
+
+    with pytest.raises(PosttrainError, match=re.escape(message)) as e:
+        _scored(make_config, tmp_path, [{"name": "bad", "kind": "function", "function": f"my_scorers:{fn}"}],
+                ["x", "y"])
+    assert "eval scorer 'bad'" in e.value.line()
+
+
+def test_win_rates_compare_with_the_base_and_the_parent_on_the_same_decoding():
     from posttrain.stages import eval as eval_stage
 
-    cfg = make_config(eval__scorers=[{"name": "bad", "kind": "function", "function": "posttrain.demo:corpus"}])
-    held = eval_stage.HeldOut([[{"role": "user", "content": "What is 1 + 2?"}]], ["1 + 2 = 3"], [])
-    with pytest.raises(PosttrainError, match="scorer 'bad'"):
-        eval_stage.generation_metrics(cfg, [{"text": "3", "ids": [1], "ended": True}], held)
+    def row(label, parent, greedy, sampled):
+        return {"label": label, "parent": parent, "decodings": {
+            "greedy": {"reward": {"mean": 0.0, "per_response": greedy}},
+            "sampled": {"reward": {"mean": 0.0, "per_response": sampled}}}}
+
+    rows = [row("base", None, [0.0, 0.0], [5.0, 5.0]), row("sft", "base", [1.0, 0.0], [0.0, 0.0]),
+            row("dpo", "sft", [2.0, -1.0], [1.0, 1.0])]
+    eval_stage.add_win_rates(rows)
+    base, sft, dpo = (r["decodings"] for r in rows)
+    assert "win_rate_vs_base" not in base["greedy"] and "win_rate_vs_parent" not in base["greedy"]
+    assert sft["greedy"]["win_rate_vs_base"] == 0.75 and sft["sampled"]["win_rate_vs_base"] == 0.0
+    assert dpo["greedy"]["win_rate_vs_parent"] == 0.5 and dpo["sampled"]["win_rate_vs_parent"] == 1.0
+    assert dpo["greedy"]["win_rate_vs_base"] == 0.5 and dpo["greedy"]["reward_scores"] == [2.0, -1.0]
+
+    no_base = [row("sft", None, [1.0], [1.0]), row("dpo", "sft", [2.0], [0.0])]
+    eval_stage.add_win_rates(no_base)  # --models sft dpo: no base row, so no "vs base" column
+    assert "win_rate_vs_base" not in no_base[1]["decodings"]["greedy"]
+    assert no_base[1]["decodings"]["greedy"]["win_rate_vs_parent"] == 1.0

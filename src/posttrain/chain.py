@@ -24,7 +24,7 @@ from posttrain.config import Config
 from posttrain.console import PeakMemory, console, fmt, summary
 from posttrain.errors import PosttrainError
 
-SUMMARY = "posttrain-chain.json"
+SUMMARY = report.CHAIN
 
 
 @dataclass
@@ -118,11 +118,6 @@ def _run_stage(cfg: Config, step: Step, *, resume: bool) -> None:
         from posttrain.stages import format as format_stage
 
         format_stage.run(cfg, output=str(step.output), overwrite=True)
-        return
-    if step.stage == "eval":
-        from posttrain.stages import eval as eval_stage
-
-        eval_stage.run(cfg, output=str(step.output), overwrite=True)
         return
     module = importlib.import_module(f"posttrain.stages.{step.stage}")
     module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)

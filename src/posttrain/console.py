@@ -72,6 +72,8 @@ class PeakMemory:
         self._thread.join()
         self._peak = max(self._peak, self._process.memory_info().rss)
         self.rss_mb = round(self._peak / 2**20, 1)
+        # a block that imported torch itself: nothing used the GPU before it, so the peak is its own
+        self._cuda = self._cuda or _cuda()
         if self._cuda is not None:
             self.cuda_mb = round(self._cuda.max_memory_allocated() / 2**20, 1)
 

@@ -84,16 +84,30 @@ def control_matches(cfg: Config) -> list[str]:
     return [s for s in stages if s in (*MODEL_STAGES, "reward") and s != "control"]
 
 
+def control_steps(cfg: Config, sft_dir: str | None = None) -> tuple[int | None, dict]:
+    """(SFT steps, {stage: training sequences}) of the control: control.steps, else the
+    train_sequences the matched stages recorded over SFT's global batch size (ceil). None when
+    a matched stage or the sft stage has not finished yet."""
+    import math
+
+    if cfg.control.steps is not None:
+        return cfg.control.steps, {}
+    matched = {s: ((manifest.read(stage_dir(cfg, s)) or {}).get("metrics") or {}).get("train_sequences")
+               for s in control_matches(cfg)}
+    batch = ((manifest.read(sft_dir or stage_dir(cfg, "sft")) or {}).get("metrics") or {}).get("global_batch_size")
+    if not matched or not batch or None in matched.values():
+        return None, matched
+    return max(1, math.ceil(sum(matched.values()) / batch)), matched
+
+
 def reads_of(cfg: Config, stage: str) -> list[str]:
     """Directories a stage reads besides its parent: part of its key, so that a change in any of
     them reruns it. RL stages: their reward models; eval: every model it compares and its judges;
-    control: the stages whose compute it matches."""
+    (the control is keyed on the step count it derives from the stages it matches, not on them)."""
     from posttrain.config import RL_STAGES
 
     if stage == "eval":
         return [p for _, p in eval_models(cfg)] + [p for p in eval_judges(cfg) if p]
-    if stage == "control":
-        return [stage_dir(cfg, s) for s in control_matches(cfg)] if cfg.control.steps is None else []
     if stage not in RL_STAGES:
         return []
     chain_rm = str(Path(cfg.output_dir) / "reward")
@@ -103,8 +117,11 @@ def reads_of(cfg: Config, stage: str) -> list[str]:
 
 
 def reward_functions_of(cfg: Config, stage: str) -> list[str]:
+    """The `module:function` specs a stage calls: RLOO/GRPO rewards, eval's function scorers."""
     from posttrain.config import RL_STAGES
 
+    if stage == "eval":
+        return [s.function for s in cfg.eval.scorers if s.function is not None]
     if stage not in RL_STAGES or stage == "ppo":
         return []
     return [r.function for r in getattr(cfg, stage).rewards if r.function is not None]
@@ -146,9 +163,14 @@ def stage_key(cfg: Config, stage: str, parent: str | None) -> str:
         module = Path(cfg._source_dir or ".", *spec.split(":")[0].split(".")).with_suffix(".py")
         if module.is_file():  # a reward function next to the config: its code decides the output
             files[str(module)] = file_hash(module)
+    tasks = cfg.eval.lm_eval.include_path if stage == "eval" and cfg.eval.lm_eval else None
+    if tasks and Path(tasks).is_dir():  # local lm-eval task definitions
+        for f in sorted(Path(tasks).rglob("*")):
+            if f.is_file():
+                files[str(f)] = file_hash(f)
     parent_info = parent_record(parent)
-    if stage == "control":  # it trains with the sft section's settings
-        relevant["sft"] = d["sft"]
+    if stage == "control":  # SFT's settings for as many steps as the later stages' compute
+        relevant["sft"], relevant["steps"] = d["sft"], control_steps(cfg)[0]
     readers = [[r["path"], r["hash"]] for r in map(parent_record, reads_of(cfg, stage))]
     blob = json.dumps([relevant, files, parent_info and [parent_info["path"], parent_info["hash"]], *readers],
                       sort_keys=True, default=str)

@@ -93,6 +93,32 @@ def run_tasks(model_dir: str, tasks: list[str], *, include_path: str | None = No
     return {"results": results, "settings": settings}
 
 
+def check_tasks(tasks: list[str], include_path: str | None = None, where: str = "eval.lm_eval") -> None:
+    """Fail before any model loads: lm-eval installed, include_path a directory, every task known."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise PosttrainError(f"include_path '{include_path}' is not a directory", where=where,
+                             fix="point include_path at a directory of lm-eval task YAMLs")
+    _require_lm_eval(where)
+    with _quiet_lm_eval():
+        _task_manager(list(tasks), include_path, {}, where)
+
+
+def skip_reason(model_dir: str, apply_chat_template: bool) -> str | None:
+    """Why lm-eval can't run on this model (None when it can): lm-eval reads a full local model,
+    and, with apply_chat_template, its saved chat template."""
+    p = Path(model_dir)
+    if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+        return "a LoRA adapter: lm-eval runs on the merged model (posttrain merge)"
+    if not (p / "config.json").exists():
+        return "not a local model directory"
+    if apply_chat_template:
+        from transformers import AutoTokenizer
+
+        if not AutoTokenizer.from_pretrained(model_dir).chat_template:
+            return "its tokenizer has no chat template"
+    return None
+
+
 def _check_model_dir(model_dir: str, where: str) -> None:
     """A full model directory: lm-eval would read an adapter directory as a Hub name or fail deep inside."""
     p = Path(model_dir)

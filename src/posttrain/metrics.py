@@ -83,12 +83,6 @@ def distribution(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": xs[0], "q25": q(0.25), "median": q(0.5), "q75": q(0.75), "max": xs[-1]}
 
 
-def token_logprobs(logits, input_ids):
-    """log p(token t | tokens < t) for t = 1..T-1: logits [B, T, V], ids [B, T] -> [B, T-1]."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return logp.gather(-1, input_ids[:, 1:, None])[..., 0]
-
-
 def masked_sums(values, mask) -> list[float]:
     """Per-row sum of `values` where `mask` is set ([B, T] each)."""
     return (values * mask).sum(-1).tolist()
@@ -98,7 +92,11 @@ def kl_per_sequence(logits_p, logits_q, mask) -> list[float]:
     """Σ over masked positions of KL(p(·|context) || q(·|context)), the full-distribution KL at each
     position, per sequence. logits [B, T, V] (temperature 1), mask [B, T]. Exact along the given
     token path, so it is defined for greedy responses too (a sampled k1 estimate would not be)."""
+    import torch
+
     logp = logits_p.float().log_softmax(-1)
     logq = logits_q.float().log_softmax(-1)
-    per_position = (logp.exp() * (logp - logq)).sum(-1)
+    p = logp.exp()
+    # 0 · log 0 = 0: a token p rules out (-inf logit) adds nothing, instead of NaN
+    per_position = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
     return (per_position * mask).sum(-1).tolist()

@@ -43,7 +43,7 @@ class Image:
     alt: str
 
 
-Block = tuple[str, object]  # ("h2" | "p" | "table" | "image" | "pre", content)
+Block = tuple[str, object]  # ("h1" | "h2" | "h3" | "p" | "table" | "image", content)
 
 
 def write(output_dir: str | Path) -> tuple[Path, Path]:
@@ -111,7 +111,9 @@ def eval_blocks(ev: dict, figures: Path) -> list[Block]:
 def _columns(models: list[dict], decoding: str) -> list[tuple[str, callable, str]]:
     """(header, getter, format) for the generation table, only where some model has the value."""
     first = models[0]["decodings"][decoding]
-    cols = [(n, lambda d, n=n: d["scores"][n], "pct") for n in first["scores"]]
+    cols = [(n, lambda d, n=n: d["scores"][n], "pct" if all(0.0 <= m["decodings"][decoding]["scores"][n] <= 1.0
+                                                         for m in models) else "num")
+            for n in first["scores"]]
     if "reward" in first:
         cols += [("reward", lambda d: d["reward"]["mean"], "num"),
                  ("win vs base", lambda d: d.get("win_rate_vs_base"), "rate"),
@@ -127,14 +129,11 @@ def generation_table(models: list[dict], decoding: str) -> Table:
     cols = _columns(models, decoding)
     by_label = {m["label"]: m for m in models}
     rows = []
-    for i, m in enumerate(models):
+    for m in models:
         d = m["decodings"][decoding]
         parent = by_label.get(m.get("parent") or "")
         cells = [m["label"]]
-        for header, get, kind in cols:
-            if header == "win vs base" and i == 0:
-                cells.append("–")  # the base against itself
-                continue
+        for _, get, kind in cols:
             before = get(parent["decodings"][decoding]) if parent and kind != "rate" else None
             cells.append(_cell(get(d), before, "pct" if kind == "rate" else kind))
         rows.append(cells)

@@ -10,7 +10,6 @@ credited only with what more SFT would not have done. `control.steps` sets the c
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from posttrain import lineage, manifest
@@ -32,18 +31,12 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
 def matched_steps(cfg: Config, sft_dir: str) -> tuple[int, dict]:
     """(SFT steps, {stage: training sequences}) for the compute of the stages after sft."""
-    if cfg.control.steps is not None:
-        return cfg.control.steps, {}
-    matched = {}
-    for stage in lineage.control_matches(cfg):
-        m = manifest.read(lineage.stage_dir(cfg, stage))
-        sequences = (m or {}).get("metrics", {}).get("train_sequences")
-        if sequences is None:
-            raise PosttrainError(f"control matches the compute of the {stage} stage, which has no finished output "
-                                 "recording train_sequences", fix=f"run {stage} first, or set control.steps")
-        matched[stage] = sequences
-    batch = (manifest.read(sft_dir) or {}).get("metrics", {}).get("global_batch_size")
-    if not matched or not batch:
-        raise PosttrainError("control: no stage after sft to match (or the sft stage recorded no batch size)",
-                             fix="put the stages to compare between sft and control in stages:, or set control.steps")
-    return max(1, math.ceil(sum(matched.values()) / batch)), matched
+    steps, matched = lineage.control_steps(cfg, sft_dir)
+    if steps is not None:
+        return steps, matched
+    missing = [s for s, n in matched.items() if n is None]
+    if missing:
+        raise PosttrainError(f"control matches the compute of the {missing[0]} stage, which has no finished output "
+                             "recording train_sequences", fix=f"run {missing[0]} first, or set control.steps")
+    raise PosttrainError("control: no stage after sft to match (or the sft stage recorded no batch size)",
+                         fix="put the stages to compare between sft and control in stages:, or set control.steps")

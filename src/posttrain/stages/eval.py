@@ -15,6 +15,8 @@ The metric arithmetic is in posttrain.metrics; the report (tables, plots) in pos
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     if models_:
         cfg = cfg.model_copy(update={"eval": ec.model_copy(update={"models": list(models_)})})
         ec = cfg.eval
+    _check_datasets(cfg)
     targets = lineage.eval_models(cfg)
     for label, path in targets:
         if not ec.models and label != "base" and not manifest.is_finished(path):
@@ -55,9 +58,20 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
                                  "stage", fix="run the chain first (posttrain run), or name the models with --models")
         _check_exists(label, path)
     rm_path, kl_path = lineage.eval_judges(cfg)
-    key = lineage.stage_key(cfg, "eval", None)
+    for label, path in (("eval.reward_model", rm_path), ("eval.kl_reference", kl_path)):
+        if path:
+            _check_exists(label, path)
+    read = [Path(p).resolve() for _, p in targets] + [Path(p).resolve() for p in (rm_path, kl_path) if p]
+    if out.resolve() in read:
+        raise PosttrainError(f"the eval output '{out}' is one of the models it reads", fix="choose another --output")
     if manifest.is_finished(out) and not overwrite:
         raise PosttrainError(f"'{out}' already holds a finished eval", fix="pass --overwrite, or choose --output")
+    if ec.lm_eval is not None:
+        from posttrain import lm_eval
+
+        lm_eval.check_tasks(ec.lm_eval.tasks, ec.lm_eval.include_path)
+    scorers = load_scorers(cfg)
+    key = lineage.stage_key(cfg, "eval", None)
 
     # 1-2. tokenizer (the config's template for every model), data, judges
     tok = models.load_tokenizer(cfg, tokenizer_source(targets[-1][1]), need_masks=True)
@@ -87,24 +101,26 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
             torch.manual_seed(seed)
             gens = generate(model, model_tok, held.prompts, temperature=dec.temperature, top_p=dec.top_p,
                             max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, device=device)
-            dm = generation_metrics(cfg, gens, held)
-            if judge is not None:
-                dm["reward"] = judge(gens)
+            dm = generation_metrics(scorers, gens, held)
+            rewards = judge(gens) if judge is not None else None
+            if rewards is not None:
+                dm["reward"] = {**metrics.distribution(rewards), "per_response": rewards}
             if kl_ref is not None:
                 dm["kl"] = metrics.distribution(kl_to_reference(model, kl_ref, gens, model_tok, ec.batch_size, device))
             row["decodings"][dec.name] = dm
             generations += [{"model": label, "decoding": dec.name, "index": i, "response": g["text"],
                              "ended": g["ended"], "tokens": len(g["ids"]),
-                             **{n: dm["per_response"][n][i] for n in dm["per_response"]}}
+                             "scores": {n: v[i] for n, v in dm["per_response"].items()},
+                             "reward": rewards[i] if rewards is not None else None}
                             for i, g in enumerate(gens)]
         row["nll"] = nll(model, model_tok, held.conversations, ec.batch_size, device)
         if held.pairs:
             row["preference"] = preference(model, model_tok, held.pairs, ec.batch_size, device)
+        del model  # before lm-eval loads its own copy
         if ec.lm_eval is not None:
             row["lm_eval"] = _lm_eval(path, ec, seed)
         row["seconds"] = round(time.time() - m0, 1)
         results.append(row)
-        del model
 
     # 4. win rates (same prompts, same decoding), then the files
     if judge is not None:
@@ -125,13 +141,11 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     with (out / GENERATIONS).open("w") as f:
         for g in generations:
             f.write(json.dumps(g, default=_json_default) + "\n")
-    manifest.write(out, {
-        "stage": "eval", "inputs_key": key, "settings": settings,
-        "models": [{"label": lbl, **(lineage.parent_record(p) or {})} for lbl, p in targets],
-        "metrics": {"wall_time_s": round(time.time() - t0, 2), "peak_memory_mb": round(peak_memory_mb(), 1)},
-        "config": cfg.model_dump(mode="json"), "versions": manifest.versions(), "git_commit": manifest.git_commit(),
-        "started": started, "finished": manifest.now(),
-    })
+    common.write_manifest(
+        out, "eval", cfg, tok, parent=None, key=key, started=started, settings=settings,
+        models=[{"label": lbl, **(lineage.parent_record(p) or {})} for lbl, p in targets],
+        metrics={"wall_time_s": round(time.time() - t0, 2), "peak_memory_mb": round(peak_memory_mb(), 1)},
+    )
     _print_summary(results, ec, out)
     common.finished(out)
     return out
@@ -139,6 +153,22 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
 
 # ---------------------------------------------------------------------------------------------
 # Models and data
+
+
+def _check_datasets(cfg: Config) -> None:
+    """eval.data (kind sft) and the pairs (kind preference) are under data: (the config checks this
+    only when eval is in stages; `posttrain eval` runs it either way)."""
+    from posttrain.errors import did_you_mean
+
+    for key, name, kind in (("eval.data", cfg.eval.data, "sft"), ("eval.pairs", cfg.eval.pairs, "preference")):
+        if name is None:
+            continue
+        if name not in cfg.data:
+            near = did_you_mean(name, cfg.data)
+            raise PosttrainError(f"{key} names dataset '{name}', which is not under data:",
+                                 fix=f"did you mean '{near}'?" if near else f"add a data.{name} section")
+        if cfg.data[name].kind != kind:
+            raise PosttrainError(f"{key} '{name}' has kind '{cfg.data[name].kind}', but eval needs kind '{kind}'")
 
 
 def _check_exists(label: str, path: str) -> None:
@@ -156,43 +186,48 @@ def _check_exists(label: str, path: str) -> None:
 
 
 def load_model(cfg: Config, path: str, tok: models.TokenizerInfo, device, *, probes) -> tuple[object, dict]:
-    """A causal LM for evaluation, frozen. A LoRA adapter is applied to its base (an adapter on an
-    adapter: the inner one merged first; a QLoRA adapter on its base quantized to 4 bits, as it was
-    trained) and must change the base's logits on the probe prompts; an adapter that changes nothing
-    was saved empty or never trained, and evaluating it would credit the base's numbers to it."""
+    """A causal LM for evaluation, frozen, with the loading settings training used (dtype, revision,
+    attention kernel, remote code). A LoRA adapter is applied to its base (an adapter on a full-
+    precision adapter: the inner one merged first; a QLoRA adapter on CUDA: on its base quantized to
+    4 bits, as it was trained, left unmerged) and must change the base's logits on the probe
+    prompts: an adapter that changes nothing was saved empty or never trained, and evaluating it
+    would credit the base's numbers to it. Generation settings saved with the model are dropped:
+    every model generates with exactly the eval's decoding."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     under = models.adapter_base(path)
-    if under is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=models.torch_dtype(cfg.model.dtype),
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-        _fit_vocab(model, tok)
-        return model.to(device).eval().requires_grad_(False), {"kind": "full"}
-    from peft import PeftModel
-
-    recorded = manifest.read(path) or {}
-    if models.adapter_base(under) is not None:  # adapter on adapter: merge the inner one first
-        inner, _ = load_model(cfg, under, tok, device, probes=probes)
-        base_model = inner
-    elif recorded.get("method") == "qlora" and torch.cuda.is_available():
-        dtype = models.torch_dtype(cfg.model.dtype)
-        base_model = AutoModelForCausalLM.from_pretrained(under, dtype=dtype, quantization_config=models.bnb_config(dtype),
-                                                          device_map={"": device.index or 0})
+    recorded = manifest.read(path) if under is not None else None
+    quantized = (recorded or {}).get("method") == "qlora" and torch.cuda.is_available()
+    source = under or path
+    if under is not None and models.adapter_base(under) is not None:  # adapter on adapter
+        if quantized:
+            raise PosttrainError(f"'{path}' is a QLoRA adapter on another adapter ('{under}')",
+                                 fix="merge the inner adapter first (posttrain merge) and evaluate on that")
+        base_model, _ = load_model(cfg, under, tok, device, probes=probes)
     else:
-        base_model = AutoModelForCausalLM.from_pretrained(under, dtype=models.torch_dtype(cfg.model.dtype))
+        base_model = AutoModelForCausalLM.from_pretrained(source, **models._load_kwargs(cfg, "qlora" if quantized
+                                                                                        else "full"))
         _fit_vocab(base_model, tok)
-        base_model = base_model.to(device)
-    model = PeftModel.from_pretrained(base_model, path).eval().requires_grad_(False)
-    effect = adapter_effect(model, probes, device)
-    if effect < ADAPTER_MIN_EFFECT:
-        raise PosttrainError(f"the adapter in '{path}' does not change its base's outputs (max |Δlogit| {effect:.1e} "
-                             f"on {len(probes)} prompts): it is empty or untrained",
-                             fix="retrain that stage; check that its trainable parameters changed")
-    if recorded.get("method") != "qlora" or not torch.cuda.is_available():
-        model = model.merge_and_unload()
-    return model.eval(), {"kind": "adapter", "base": under, "method": recorded.get("method"),
-                          "adapter_effect_max_abs_logit": effect}
+        if not quantized:
+            base_model = base_model.to(device)
+    if under is None:
+        model, loaded = base_model, {"kind": "full"}
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base_model, path).eval().requires_grad_(False)
+        effect = adapter_effect(model, probes, device)
+        if effect < ADAPTER_MIN_EFFECT:
+            raise PosttrainError(f"the adapter in '{path}' does not change its base's outputs (max |Δlogit| "
+                                 f"{effect:.1e} on {len(probes)} prompts): it is empty or untrained",
+                                 fix="retrain that stage; check that its trainable parameters changed")
+        if not quantized:
+            model = model.merge_and_unload()
+        loaded = {"kind": "adapter", "base": under, "method": (recorded or {}).get("method"),
+                  "adapter_effect_max_abs_logit": effect}
+    model.generation_config = GenerationConfig(pad_token_id=tok.tokenizer.pad_token_id)
+    return model.eval().requires_grad_(False), loaded
 
 
 def tokenizer_source(path: str) -> str:
@@ -256,6 +291,9 @@ def held_out(cfg: Config, tok: models.TokenizerInfo) -> HeldOut:
     name = lineage.eval_pairs(cfg)
     if name is not None:
         _, pev, _ = format_stage.stage_data(cfg, name, tok)
+        if (pev is None or len(pev) == 0) and ec.pairs is not None:
+            raise PosttrainError(f"eval.pairs: data.{name} has no held-out pairs",
+                                 fix=f"add data.{name}.eval sources or set data.{name}.eval_fraction")
         if pev is not None:
             pairs = [dict(r) for r in pev.select(range(min(ec.max_samples, len(pev))))]
     return HeldOut(prompts, references, conversations, pairs)
@@ -287,15 +325,45 @@ def generate(model, tok: models.TokenizerInfo, prompts: list[list[dict]], *, tem
     return out
 
 
-def generation_metrics(cfg: Config, gens: list[dict], held: HeldOut) -> dict:
-    """Task scores, end-of-turn share, mean length (tokens, end-of-turn excluded) and distinct-1/2."""
-    texts = [g["text"] for g in gens]
-    per_response: dict[str, list[float]] = {}
+def load_scorers(cfg: Config) -> dict:
+    """name -> f(prompts, texts, references) -> one score (or None: abstain) per response. A
+    `function` scorer is imported once and called as an RL reward function is, with the same checks
+    (rl.online.wrap_function: keywords it doesn't take are not passed; a raise, a wrong length or a
+    non-finite number is a one-line error)."""
+    out = {}
     for s in cfg.eval.scorers:
-        per_response[s.name] = score(cfg, s, held.prompts, texts, held.references)
+        if s.kind == "exact":
+            out[s.name] = lambda p, t, r: metrics.exact(t, r)
+        elif s.kind == "normalized":
+            out[s.name] = lambda p, t, r: metrics.normalized(t, r)
+        elif s.kind == "regex":
+            out[s.name] = lambda p, t, r, pattern=s.pattern: metrics.regex(pattern, t, r)
+        else:
+            from posttrain.rl.online import wrap_function
+            from posttrain.rl.rewards import load_function
+
+            fn = wrap_function(load_function(s.function, cfg._source_dir), s.function, s.name, f"eval scorer '{s.name}'")
+            if inspect.iscoroutinefunction(fn):
+                out[s.name] = lambda p, t, r, fn=fn: asyncio.run(fn(**_scorer_args(p, t, r)))
+            else:
+                out[s.name] = lambda p, t, r, fn=fn: fn(**_scorer_args(p, t, r))
+    return out
+
+
+def _scorer_args(prompts: list[list[dict]], texts: list[str], references: list[str]) -> dict:
+    """The conversational shape TRL gives reward functions."""
+    return {"prompts": prompts, "completions": [[{"role": "assistant", "content": t}] for t in texts],
+            "reference": references}
+
+
+def generation_metrics(scorers: dict, gens: list[dict], held: HeldOut) -> dict:
+    """Task scores (means over the responses a scorer did not abstain on), end-of-turn share, mean
+    length (tokens, end-of-turn excluded) and distinct-1/2."""
+    texts = [g["text"] for g in gens]
+    per_response = {name: fn(held.prompts, texts, held.references) for name, fn in scorers.items()}
     bodies = [g["ids"][:-1] if g["ended"] else g["ids"] for g in gens]
     return {
-        "scores": {n: sum(v) / len(v) for n, v in per_response.items()},
+        "scores": {n: _mean([x for x in v if x is not None]) for n, v in per_response.items()},
         "ended": sum(g["ended"] for g in gens) / len(gens),
         "length": sum(len(b) for b in bodies) / len(bodies),
         "distinct_1": metrics.distinct_n(bodies, 1),
@@ -304,30 +372,13 @@ def generation_metrics(cfg: Config, gens: list[dict], held: HeldOut) -> dict:
     }
 
 
-def score(cfg: Config, scorer, prompts: list[list[dict]], texts: list[str], references: list[str]) -> list[float]:
-    if scorer.kind == "exact":
-        return metrics.exact(texts, references)
-    if scorer.kind == "normalized":
-        return metrics.normalized(texts, references)
-    if scorer.kind == "regex":
-        return metrics.regex(scorer.pattern, texts, references)
-    from posttrain.rl.rewards import load_function
-
-    fn = load_function(scorer.function, cfg._source_dir)
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
-    try:
-        got = fn(prompts=prompts, completions=completions, reference=references)
-    except Exception as e:  # noqa: BLE001 (user code: any failure is reported as the scorer's)
-        raise PosttrainError(f"eval scorer '{scorer.name}' ({scorer.function}) raised {type(e).__name__}: {e}") from e
-    values = [float(x) for x in got] if got is not None else []
-    if len(values) != len(texts) or any(v != v for v in values):
-        raise PosttrainError(f"eval scorer '{scorer.name}' ({scorer.function}) must return one finite number per "
-                             f"response ({len(texts)}); it returned {len(values)}" + (" with NaN" if values else ""))
-    return values
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def _load_judge(cfg: Config, rm_path: str, tok: models.TokenizerInfo, device):
-    """A function gens -> reward-score distribution, per response kept for win rates."""
+    """A function gens -> the reward model's score of each response (as the RL stages read it: the
+    prompt, the response through end-of-turn, and the template's suffix after it)."""
     from posttrain.rl import rewards, rollout
 
     rewards.check_same_tokenizer(tok, rm_path, "eval")
@@ -336,8 +387,7 @@ def _load_judge(cfg: Config, rm_path: str, tok: models.TokenizerInfo, device):
 
     def judge(gens: list[dict]) -> dict:
         seqs = [g["query"] + g["ids"] + (suffix if g["ended"] else []) for g in gens]
-        scores = rewards.score_ids(rm, seqs, tok.tokenizer.pad_token_id, batch_size=cfg.eval.batch_size)
-        return {**metrics.distribution(scores), "per_response": scores}
+        return rewards.score_ids(rm, seqs, tok.tokenizer.pad_token_id, batch_size=cfg.eval.batch_size)
 
     return judge
 
@@ -373,26 +423,20 @@ def kl_to_reference(model, ref, gens: list[dict], tok: models.TokenizerInfo, bat
 
 def _assistant_logps(model, tok: models.TokenizerInfo, conversations: list[list[dict]], batch_size: int,
                      device) -> list[tuple[float, int]]:
-    """(Σ log p, token count) over the assistant tokens of each conversation (the template's loss mask)."""
+    """(Σ log p, token count) over the assistant tokens of each conversation (the template's loss
+    mask, as SFT and PPO-ptx train on it), whole conversations, no truncation."""
     import torch
 
-    from posttrain import templates
+    from posttrain.rl import core, rollout
 
-    pad = tok.tokenizer.pad_token_id
     out = []
     for i in range(0, len(conversations), batch_size):
-        rendered = [templates.render(tok.tokenizer, c) for c in conversations[i:i + batch_size]]
-        width = max(len(r.input_ids) for r in rendered)
-        ids = torch.full((len(rendered), width), pad, dtype=torch.long)
-        attn, trained = torch.zeros_like(ids), torch.zeros_like(ids)
-        for j, r in enumerate(rendered):
-            ids[j, :len(r.input_ids)] = torch.tensor(r.input_ids)
-            attn[j, :len(r.input_ids)] = 1
-            trained[j, :len(r.input_ids)] = torch.tensor([int(t) for t in r.trained])
+        examples = rollout.sft_examples(tok.tokenizer, conversations[i:i + batch_size], max_length=10**9)
+        ids, attn, labels = rollout.right_pad_sft(examples, tok.tokenizer.pad_token_id)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        logps = metrics.token_logprobs(logits, ids.to(device)).cpu()
-        mask = trained[:, 1:].float()
+        logps = core.logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(device)).cpu()
+        mask = (labels[:, 1:] != -100).float()
         out += list(zip(metrics.masked_sums(logps, mask), mask.sum(-1).long().tolist(), strict=True))
     return out
 
@@ -423,13 +467,15 @@ def preference(model, tok: models.TokenizerInfo, pairs: list[dict], batch_size: 
 
 
 def add_win_rates(results: list[dict]) -> None:
-    """Reward-model win rate of each model against the base (the first model) and its parent."""
+    """Reward-model win rate of each model against the base model (when it is evaluated) and against
+    its parent stage (when that is), on the same prompts and decoding."""
     by_label = {r["label"]: r for r in results}
-    first = results[0]
+    base = by_label.get("base")
     for r in results:
         for name, dm in r["decodings"].items():
             mine = dm["reward"]["per_response"]
-            dm["win_rate_vs_base"] = metrics.win_rate(mine, first["decodings"][name]["reward"]["per_response"])
+            if base is not None and r is not base:
+                dm["win_rate_vs_base"] = metrics.win_rate(mine, base["decodings"][name]["reward"]["per_response"])
             parent = by_label.get(r["parent"]) if r["parent"] else None
             if parent is not None:
                 dm["win_rate_vs_parent"] = metrics.win_rate(mine, parent["decodings"][name]["reward"]["per_response"])
@@ -463,11 +509,13 @@ def _samples(held: HeldOut, generations: list[dict], labels: list[str], n: int) 
 
 
 def _lm_eval(path: str, ec, seed: int) -> dict:
-    if models.adapter_base(path) is not None:
-        return {"skipped": "an adapter: lm-eval runs on the merged model (posttrain merge)"}
     from posttrain import lm_eval
 
     le = ec.lm_eval
+    reason = lm_eval.skip_reason(path, le.apply_chat_template)
+    if reason is not None:
+        console.print(f"[yellow]lm-eval skipped[/] for {path}: {reason}")
+        return {"skipped": reason}
     return lm_eval.run_tasks(path, le.tasks, include_path=le.include_path, limit=le.limit, num_fewshot=le.num_fewshot,
                              batch_size=le.batch_size, apply_chat_template=le.apply_chat_template, seed=seed)
 
