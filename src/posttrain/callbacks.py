@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from posttrain.errors import PosttrainError
+from posttrain.errors import Interrupted, PosttrainError
 
 
 class MetricsJsonl(TrainerCallback):
@@ -66,6 +68,74 @@ class TrainingGuard(TrainerCallback):
                 f"training loss became {loss} at step {state.global_step}",
                 fix="lower the learning rate, or use bf16 instead of fp16",
             )
+
+
+class StopSignal:
+    """SIGINT / SIGTERM during training: finish the optimizer step under way, save a checkpoint,
+    stop, and say so (`raise_if_stopped`, after training returns). A second signal stops at once.
+    Handlers are installed only in the main thread and put back when training ends."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: no more waiting
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        from posttrain.console import console
+
+        console.print(f"[yellow]{signal.Signals(signum).name}[/]: finishing this step and saving a checkpoint "
+                      "(send it again to stop at once)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def raise_if_stopped(self, step: int, checkpoint) -> None:
+        if self.signum is None:
+            return
+        raise Interrupted(f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint saved in "
+                          f"'{checkpoint}'", signum=self.signum,
+                          fix="run the same command with --resume (or `posttrain run` again) to continue from it")
+
+
+class StopOnSignal(TrainerCallback):
+    """StopSignal for the HF trainers: after the step a signal arrived in, save and stop."""
+
+    def __init__(self):
+        self.stop = StopSignal()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.install()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop.restore()
+
+    def raise_if_stopped(self, trainer) -> None:
+        from pathlib import Path
+
+        step = trainer.state.global_step
+        self.stop.raise_if_stopped(step, Path(trainer.args.output_dir) / f"checkpoint-{step}")
 
 
 def tensorboard_into(trainer, directory: Path) -> None:

@@ -51,7 +51,7 @@ def user_errors(fn):
             if _state["debug"]:
                 raise
             typer.echo(f"error: {e.line()}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

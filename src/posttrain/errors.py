@@ -27,6 +27,15 @@ class PosttrainError(Exception):
         return " ".join(text.split())  # always one line
 
 
+class Interrupted(PosttrainError):
+    """SIGINT/SIGTERM stopped training after saving a checkpoint; exit code 128 + the signal, as a
+    shell reports a process that a signal stopped."""
+
+    def __init__(self, what: str, *, signum: int, fix: str | None = None):
+        super().__init__(what, fix=fix)
+        self.exit_code = 128 + signum
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """The closest candidate to `word`, or None when nothing is close."""
     candidates = list(candidates)

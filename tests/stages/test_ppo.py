@@ -571,3 +571,47 @@ def test_report_to_tensorboard_gets_the_same_metrics(ppo_config, sft_dir, tmp_pa
     jsonl = _logs(out)
     assert [v for _, v in logged["score"]] == pytest.approx([r["score"] for r in jsonl])
     assert [s for s, _ in logged["kl"]] == [1, 2]
+
+
+def test_sigint_saves_a_checkpoint_and_resume_continues_it(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path):
+    """Ctrl-C: the iteration under way finishes, a checkpoint is saved, one line says so (exit 130);
+    --resume then logs exactly the iterations an uninterrupted run of the same config logs."""
+    steps = 12
+    raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=steps, save_steps=1000))
+    cfg = tmp_path / "ppo.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", whole), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = {rec["step"]: rec for rec in _logs(whole)}
+
+    log = tmp_path / "stopped.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(_cli("ppo", cfg, "--base", sft_dir, "-o", stopped), stdout=subprocess.DEVNULL,
+                                stderr=f, cwd=ROOT, env=ENV)
+        try:
+            deadline = time.time() + 300
+            while not ((stopped / "metrics.jsonl").is_file() and _logs(stopped)):
+                assert proc.poll() is None, f"exited ({proc.returncode}) early:\n{log.read_text()[-3000:]}"
+                assert time.time() < deadline, "no iteration within 300 s"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert "stopped by SIGINT at step" in line and "Traceback" not in err
+    at = int(line.split(" at step ")[1].split(";")[0])
+    assert at < steps and not manifest.is_finished(stopped)
+    assert (stopped / "checkpoints" / f"checkpoint-{at}" / "trainer_state.json").is_file()
+
+    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", stopped, "--resume"), capture_output=True,
+                       text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _logs(stopped)
+    assert [rec["step"] for rec in got] == list(range(1, steps + 1))
+    assert all(rec == expected[rec["step"]] for rec in got)

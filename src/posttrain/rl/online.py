@@ -83,7 +83,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     sources = resolve_rewards(cfg, section, stage, tok)
     import trl
 
-    from posttrain.callbacks import MetricsJsonl, tensorboard_into
+    from posttrain.callbacks import MetricsJsonl, StopOnSignal, tensorboard_into
 
     config_cls, trainer_cls = (getattr(trl, name) for name in TRAINERS[stage])
     kwargs = common.trainer_kwargs(cfg, stage, out, has_eval=eval_ds is not None)
@@ -117,7 +117,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
             eval_dataset=eval_ds,
             processing_class=tok.tokenizer,
             reward_processing_classes=reward_tokenizers,
-            callbacks=[guard, MetricsJsonl(out / "metrics.jsonl")],
+            callbacks=[guard, MetricsJsonl(out / "metrics.jsonl"), stop := StopOnSignal()],
         )
     guard.trainer = trainer
     tensorboard_into(trainer, out)
@@ -128,6 +128,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
 
     # 5. train, save, re-open, check, manifest
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    stop.raise_if_stopped(trainer)
     if not common.save(trainer, out, cfg, tok, section.method):
         return out
     common.drop_reference_adapter(out)

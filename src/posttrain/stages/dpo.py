@@ -66,7 +66,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. policy, reference, trainer
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
+    from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -88,7 +88,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         eval_dataset=held,
         processing_class=tok.tokenizer,
         peft_config=peft_config,
-        callbacks=[TrainingGuard(model), DPOGuard(args, dc.collapse_loss), MetricsJsonl(out / "metrics.jsonl")],
+        callbacks=[TrainingGuard(model), DPOGuard(args, dc.collapse_loss), MetricsJsonl(out / "metrics.jsonl"),
+                   stop := StopOnSignal()],
     )
     tensorboard_into(trainer, out)
     trainable, total = models.trainable_parameters(trainer.model)
@@ -101,6 +102,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 5. train
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    stop.raise_if_stopped(trainer)
     after = _evaluate(trainer)
 
     # 6. save, re-open, check, manifest

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -233,6 +234,16 @@ class Loop:
         return out
 
     def train(self) -> None:
+        from posttrain.callbacks import StopSignal
+
+        stop = StopSignal()
+        stop.install()
+        try:
+            self._train(stop)
+        finally:
+            stop.restore()
+
+    def _train(self, stop) -> None:
         for it in range(self.start, self.pc.steps):
             stats, samples = self.step(it)
             self.history.append({"step": it + 1, **stats})
@@ -247,8 +258,19 @@ class Loop:
                 if it == 0 or (it + 1) % self.pc.sample_every == 0:
                     self.show_samples(it + 1, samples)
             self.check_health(it + 1, stats, samples)
-            if (it + 1) % self.pc.save_steps == 0 and it + 1 < self.pc.steps:
+            stopping = self._anywhere(stop.requested)  # every process stops at the same iteration
+            if (it + 1) % self.pc.save_steps == 0 and it + 1 < self.pc.steps or stopping:
                 self.save(it + 1)
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM  # a process that got no signal itself
+                stop.raise_if_stopped(it + 1, self.out / common.CHECKPOINTS / f"checkpoint-{it + 1}")
+
+    def _anywhere(self, flag: bool) -> bool:
+        import torch
+
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.acc.device), reduction="sum").item())
 
     def step(self, it: int) -> tuple[dict, list]:
         import torch

@@ -62,7 +62,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
+    from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -77,7 +77,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         train_dataset=train_ds,
         eval_dataset=held,
         processing_class=tok.tokenizer,
-        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl")],
+        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl"), stop := StopOnSignal()],
     )
     tensorboard_into(trainer, out)
     if rc.method == "qlora":
@@ -94,6 +94,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 4. train, then held-out accuracy, margin and length correlation
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    stop.raise_if_stopped(trainer)
     scorer = trainer.accelerator.unwrap_model(trainer.model).eval()
     pad = tok.tokenizer.pad_token_id
     ev = trainer.eval_dataset

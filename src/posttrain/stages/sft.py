@@ -41,7 +41,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. model and trainer config
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.callbacks import MetricsJsonl, TrainingGuard, tensorboard_into
+    from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
     if common.trainer_is_main():
         manifest.prepare_output(out, overwrite=True, resume=resume)
@@ -60,7 +60,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tok.tokenizer,
-        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl")],
+        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl"), stop := StopOnSignal()],
     )
     tensorboard_into(trainer, out)
     _check_labels(trainer.train_dataset)
@@ -68,6 +68,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 4. train (held-out loss before and after, so the summary shows what SFT did)
     eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None and not resume else None
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    stop.raise_if_stopped(trainer)
     eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
     # 5. save, re-open, check, then the manifest (main process only)
