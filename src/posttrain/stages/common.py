@@ -4,6 +4,7 @@ bottom and calls these in the same order."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from posttrain import config as config_mod
@@ -195,10 +196,10 @@ def special_tokens(tok: models.TokenizerInfo) -> dict:
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint. The trainer writes trainer_state.json last, so a process
-    killed while saving leaves a checkpoint without it (or with a torn one): skip such."""
-    import json
-
+    """The newest complete, readable checkpoint. The trainer writes trainer_state.json last, so a
+    process killed while saving leaves a checkpoint without it (or with a torn one): skip such. A
+    checkpoint whose weights or optimizer/RNG files are truncated (a full disk, a copy cut short)
+    is skipped too, with a warning naming the file, so a resume falls back to the one before."""
     d = out / CHECKPOINTS
     found = sorted(d.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1])
                    if p.name.rsplit("-", 1)[-1].isdigit() else -1) if d.is_dir() else []
@@ -207,7 +208,30 @@ def last_checkpoint(out: Path) -> Path | None:
             json.loads((ckpt / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        return ckpt
+        damaged = damaged_file(ckpt)
+        if damaged is None:
+            return ckpt
+        console.print(f"[yellow]warning[/] {ckpt} is damaged ({damaged}); trying the checkpoint before it",
+                      soft_wrap=True)
+    return None
+
+
+def damaged_file(ckpt: Path) -> str | None:
+    """The first unreadable file of a checkpoint: safetensors whose header or length is wrong, or
+    torch files (.pt/.pth/.bin, zip archives) without their end record. None when all read."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for f in sorted(ckpt.rglob("*")):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+                return f"{f.name}: {str(e).splitlines()[0]}"
+        elif f.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(f):
+            return f"{f.name}: not a complete torch archive"
     return None
 
 
