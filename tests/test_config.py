@@ -601,6 +601,7 @@ CHAIN = BASE + "dpo:\n  data: pref\n"
         (["eval.scorers=[{name: x, kind: function, function: not-a-spec}]"], "is not 'module:function'"),
         (["eval.scorers=[{name: x, kind: exact}, {name: x, kind: normalized}]"], "eval.scorers has repeated names"),
         (["eval.decoding=[{name: g, temperature: -1}]"], "eval.decoding.0.temperature"),
+        (["sft.training.hub_token=hf_abc"], "is set by posttrain"),
         (["stages=[format, sft, ppo]"], "ppo scores with this config's reward stage, but stages has no reward"),
         (["stages=[format, sft, grpo]"], "grpo scores with this config's reward stage"),
         (["ppo.batch_size=10", "ppo.mini_batch_size=4"], "not a multiple of ppo.mini_batch_size"),

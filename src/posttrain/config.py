@@ -46,6 +46,8 @@ OWNED_TRAINING_FIELDS = {
     "precompute_ref_log_probs": "set dpo.reference: precomputed",
     "reward_weights": "set weight on each entry of rewards:",
     "reward_model_path": "set rewards: [{model: DIR}]",
+    # a secret would be written into config.resolved.yaml and every manifest
+    "hub_token": "it is a secret: set HF_TOKEN in the environment (posttrain writes no token to any file)",
 }
 
 
@@ -63,7 +65,12 @@ class ModelConfig(Strict):
         "auto", description="Weights dtype; auto = bf16 on GPUs that have it, else fp32."
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run Python code that ships with the model (its own modeling files). Off unless set; "
+        "when on, every load warns and names the repository.")
+    allow_pickle_weights: bool = Field(
+        False, description="Load weights stored as pickle (pytorch_model.bin, .pt): unpickling can run code. Off: "
+        "only safetensors are read, and a model without them is refused.")
     pad_token: str | None = Field(
         None,
         description="Padding token. Must differ from eos and the end-of-turn token; when unset and the "

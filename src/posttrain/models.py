@@ -12,6 +12,7 @@ from pathlib import Path
 
 from posttrain import templates
 from posttrain.config import Config, LoraConfig
+from posttrain.console import console
 from posttrain.errors import PosttrainError
 
 log = logging.getLogger("posttrain")
@@ -40,6 +41,32 @@ def _check_source(source: str, what: str) -> None:
         )
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_warned_remote_code: set[str] = set()
+
+
+def check_weights(cfg: Config, source: str) -> None:
+    """Safetensors only, unless model.allow_pickle_weights: a local model whose weights are all
+    pickle files is refused before anything is unpickled (Hub models: from_pretrained is told
+    use_safetensors, see _load_kwargs)."""
+    p = Path(source)
+    if cfg.model.allow_pickle_weights or not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern) if f.name != "training_args.bin")
+    if pickled:
+        raise PosttrainError(
+            f"'{source}' holds its weights only as pickle ({', '.join(pickled[:3])}); unpickling can run code",
+            fix="convert them to safetensors (save_pretrained(..., safe_serialization=True)), or set "
+                "model.allow_pickle_weights: true if you trust where they came from")
+
+
+def warn_remote_code(cfg: Config, source: str) -> None:
+    if cfg.model.trust_remote_code and source not in _warned_remote_code:
+        _warned_remote_code.add(source)
+        console.print(f"[yellow]warning[/] model.trust_remote_code is on: Python code from '{source}' runs on this "
+                      "machine with your permissions; turn it off unless you trust that repository", soft_wrap=True)
+
+
 def _hub_error(source: str, e: Exception) -> PosttrainError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return PosttrainError(
@@ -55,6 +82,7 @@ def load_tokenizer(cfg: Config, source: str | None = None, *, need_masks: bool =
 
     source = source or cfg.model.tokenizer or cfg.model.name_or_path
     _check_source(source, "tokenizer")
+    warn_remote_code(cfg, source)
     try:
         tok = AutoTokenizer.from_pretrained(
             source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -190,6 +218,7 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     adapter, source = (source, under) if under else (None, source)
     if adapter:
         _check_source(source, f"base model of adapter '{adapter}'")
+    check_weights(cfg, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method))
     except (OSError, ValueError) as e:
@@ -217,6 +246,8 @@ def _load_kwargs(cfg: Config, method: str) -> dict:
 
     dtype = torch_dtype(cfg.model.dtype)
     kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    if not cfg.model.allow_pickle_weights:
+        kwargs["use_safetensors"] = True
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if method == "qlora":
@@ -245,6 +276,7 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
         body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
         del causal
     else:
+        check_weights(cfg, source)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
                                                                        **_load_kwargs(cfg, method))

@@ -43,12 +43,24 @@ def eval_config(tiny_dir, demo_data, out: Path, **changes) -> dict:
     return raw
 
 
+# Planted in the environment of the chain run: no artifact and no log line may contain them.
+SECRETS = {"HF_TOKEN": "hf_PLANTEDsecret0123456789", "WANDB_API_KEY": "wandb-PLANTED-key-0123456789",
+           "HUGGING_FACE_HUB_TOKEN": "hf_PLANTEDlegacy0123456789"}
+
+
 @pytest.fixture(scope="module")
 def chain(tiny_dir, demo_data, tmp_path_factory):
+    import subprocess
+
+    from tests.test_chain import BIN, ENV, ROOT
+
     tmp = tmp_path_factory.mktemp("eval-chain")
     out = tmp / "out"
     cfg = write_yaml(tmp / "chain.yaml", eval_config(tiny_dir, demo_data, out))
-    assert_ok(cli("run", cfg))
+    r = subprocess.run([str(BIN), "run", str(cfg)], capture_output=True, text=True, cwd=ROOT,
+                       env={**ENV, **SECRETS}, timeout=900)
+    assert_ok(r)
+    (tmp / "run.log").write_text(r.stdout + r.stderr)
     return cfg, out
 
 
@@ -73,6 +85,18 @@ def test_every_model_is_evaluated_with_recorded_settings(chain):
     lines = (out / "eval" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 5 * 2 * 12  # every model, decoding and prompt
     assert len(ev["samples"]) == 2 and set(ev["samples"][0]["responses"]) == {"base", "sft", "control", "dpo", "merge"}
+
+
+def test_no_artifact_or_log_holds_a_planted_secret(chain):
+    """Every file the chain wrote (weights, checkpoints, manifests, configs, reports, TRL's pickled
+    training arguments) and its terminal output, searched byte by byte."""
+    cfg, out = chain
+    files = [p for p in out.rglob("*") if p.is_file()] + [cfg.parent / "run.log"]
+    assert len(files) > 50 and any(p.name == "training_args.bin" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        for secret in SECRETS.values():
+            assert secret.encode() not in data, f"{secret} in {p}"
 
 
 def test_numbers_move_the_right_way(chain):

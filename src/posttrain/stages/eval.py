@@ -206,6 +206,7 @@ def load_model(cfg: Config, path: str, tok: models.TokenizerInfo, device, *, pro
                                  fix="merge the inner adapter first (posttrain merge) and evaluate on that")
         base_model, _ = load_model(cfg, under, tok, device, probes=probes)
     else:
+        models.check_weights(cfg, source)
         base_model = AutoModelForCausalLM.from_pretrained(source, **models._load_kwargs(cfg, "qlora" if quantized
                                                                                         else "full"))
         _fit_vocab(base_model, tok)

@@ -57,6 +57,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    models.check_weights(cfg, under)
     dtype = merge_dtype(mc.dtype, under)
     with console.status(f"loading {under} ({str(dtype).removeprefix('torch.')}) and the adapter"):
         base_model = AutoModelForCausalLM.from_pretrained(under, dtype=dtype)
