@@ -1,5 +1,5 @@
-"""The real `posttrain` entry point: help is instant, stages run, and bad input exits 2 with one
-line, no traceback, and no finished-looking output."""
+"""The real `posttrain` entry point: help is instant and stages run. Bad input (exit 2, one line,
+no traceback, nothing finished-looking) is catalogued in test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from posttrain import manifest
@@ -100,48 +99,3 @@ def test_init_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "m" / "config.json").read_text())["hidden_size"] == 32
     assert (tmp_path / "d" / "sft_train.jsonl").exists()
-
-
-def _bad_inputs(tmp_path, tiny_dir, demo_data):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    nocol = tmp_path / "nocol.jsonl"
-    nocol.write_text('{"question": "q", "answer": "a"}\n')
-    jinja = tmp_path / "llama3.jinja"
-    jinja.write_text("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-                     "{% generation %}{{ m['content'] }}<|eot_id|>{% endgeneration %}{% endfor %}")
-    src = lambda p: [{"path": str(p)}]  # noqa: E731
-    return {
-        "unknown key": ({"sft__training__learnig_rate": 0.1}, ["did you mean 'learning_rate'"]),
-        "wrong type": ({"sft__lora": {"r": "eight"}}, ["sft.lora.r"]),
-        "missing data file": ({"data__sft__train": src(tmp_path / "nope.jsonl")}, ["does not exist"]),
-        "empty dataset": ({"data__sft__train": src(empty)}, ["empty"]),
-        "missing column": ({"data__sft__train": src(nocol)}, ["cannot tell the shape", "columns"]),
-        "pad == eos": ({"model__pad_token": "<|endoftext|>"}, ["pad_token", "eos"]),
-        "pad == end of turn": ({"model__pad_token": "<|im_end|>"}, ["pad_token"]),
-        "template lacks tokens": ({"template__name": str(jinja)}, ["<|start_header_id|>", "add_special_tokens"]),
-        "non-existent base": ({"model__name_or_path": str(tmp_path / "no-model")}, ["does not exist"]),
-        "column mapping names a missing column": (
-            {"data__sft__train": [{"path": str(nocol), "columns": {"prompt_text": "prompt"}}]}, ["columns"]),
-    }
-
-
-@pytest.mark.parametrize("case", [
-    "unknown key", "wrong type", "missing data file", "empty dataset", "missing column", "pad == eos",
-    "pad == end of turn", "template lacks tokens", "non-existent base", "column mapping names a missing column",
-])
-def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_dir, demo_data):
-    changes, needles = _bad_inputs(tmp_path, tiny_dir, demo_data)[case]
-    cfg = write_config(tmp_path, tiny_dir, demo_data, **changes)
-    r = cli("sft", cfg)
-    assert_clean_error(r, *needles)
-    out = tmp_path / "out" / "sft"
-    assert not manifest.is_finished(out)
-    assert not (out / "model.safetensors").exists()
-
-
-def test_missing_config_file_and_debug_flag(tmp_path):
-    r = cli("sft", tmp_path / "nope.yaml")
-    assert_clean_error(r, "does not exist")
-    r = cli("--debug", "validate", tmp_path / "nope.yaml")
-    assert r.returncode != 0 and "Traceback" in r.stderr

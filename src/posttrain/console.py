@@ -40,9 +40,13 @@ def peak_memory_mb() -> float:
 
 
 class PeakMemory:
-    """Peak memory while a block runs, for one chain stage among several in one process: the
-    process's RSS sampled every 50 ms (ru_maxrss only ever grows, so it would give later stages the
-    earlier ones' peak), and the CUDA allocator's peak when there is a GPU. MB, after the block."""
+    """Peak memory while a block runs, for one chain stage among several in one process (the
+    process-wide ru_maxrss only ever grows, so it would give later stages the earlier ones' peak).
+    On Linux the kernel's own high-water mark (VmHWM) is reset at the start (/proc/self/clear_refs)
+    and read at the end: exact, even for a peak that lasts a moment. Elsewhere, or where that file
+    can't be written, RSS sampled by a thread every `interval` seconds (a peak shorter than that,
+    or inside one long call that holds the GIL, can be missed). Plus the CUDA allocator's peak
+    when there is a GPU. MB, after the block."""
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.rss_mb, self.cuda_mb = interval, None, None
@@ -53,6 +57,7 @@ class PeakMemory:
         import psutil
 
         self._process, self._peak = psutil.Process(), 0
+        self._kernel = _reset_high_water_mark()
         self._stop = threading.Event()
         self._cuda = _cuda()
         if self._cuda is not None:
@@ -71,11 +76,35 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, self._process.memory_info().rss)
+        if self._kernel:
+            self._peak = max(self._peak, _high_water_mark() or 0)
         self.rss_mb = round(self._peak / 2**20, 1)
         # a block that imported torch itself: nothing used the GPU before it, so the peak is its own
         self._cuda = self._cuda or _cuda()
         if self._cuda is not None:
             self.cuda_mb = round(self._cuda.max_memory_allocated() / 2**20, 1)
+
+
+def _reset_high_water_mark() -> bool:
+    """Linux: set this process's peak RSS (VmHWM) back to its current RSS. False where it can't."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _high_water_mark() is not None
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int | None:
+    """VmHWM of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _cuda():
