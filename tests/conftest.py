@@ -111,3 +111,17 @@ def tensorboard_scalars(root) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return out
+
+
+def finished_checkpoints(stage_dir) -> list:
+    """Checkpoints whose trainer state has been written (trainers write it after the weights), oldest first."""
+    from pathlib import Path
+
+    def complete(p: Path) -> bool:
+        try:
+            return "global_step" in json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+
+    found = [p for p in (Path(stage_dir) / "checkpoints").glob("checkpoint-*") if complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from posttrain import manifest
+from tests.conftest import finished_checkpoints
 
 BIN = Path(sys.executable).with_name("posttrain")
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,18 +114,6 @@ def all_losses(stage_dir: Path) -> list[tuple[int, float]]:
     """Every logged training loss of metrics.jsonl in order (a resumed run appends)."""
     rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def finished_checkpoints(stage_dir: Path) -> list[Path]:
-    """Checkpoints whose trainer state has been written (the trainer writes it after the weights)."""
-    def complete(p: Path) -> bool:
-        try:
-            return "global_step" in json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            return False
-
-    found = [p for p in (stage_dir / "checkpoints").glob("checkpoint-*") if complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def found(directory: Path, pattern: str) -> list[Path]:

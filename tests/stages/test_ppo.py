@@ -35,7 +35,7 @@ from posttrain.config import PPOStageConfig, validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import rollout
 from posttrain.stages import merge, ppo, reward, sft
-from tests.conftest import tensorboard_scalars
+from tests.conftest import finished_checkpoints, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -262,15 +262,12 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "posttrain.cli", *map(str, args)]
 
 
-def _finished_checkpoints(out: Path) -> list[Path]:
-    def complete(p: Path) -> bool:
-        try:
-            return "global_step" in json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            return False
-
-    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def _uninterrupted(cfg: Path, sft_dir, out: Path) -> dict[int, dict]:
+    """The metrics, by iteration, of `posttrain ppo` run through without interruption."""
+    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", out), capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {rec["step"]: rec for rec in _logs(out)}
 
 
 STEPS = 40
@@ -282,11 +279,7 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_dir, demo_data, sft_dir, rm
     cfg = tmp_path / "ppo.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-
-    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", whole), capture_output=True, text=True, cwd=ROOT,
-                       env=ENV, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    expected = {rec["step"]: rec for rec in _logs(whole)}
+    expected = _uninterrupted(cfg, sft_dir, whole)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     log = tmp_path / "killed.log"
@@ -295,7 +288,7 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_dir, demo_data, sft_dir, rm
                                 cwd=ROOT, env=ENV, start_new_session=True)
         try:
             deadline = time.time() + 300
-            while not _finished_checkpoints(killed):
+            while not finished_checkpoints(killed):
                 assert proc.poll() is None, \
                     f"exited ({proc.returncode}) before a checkpoint:\n{log.read_text()[-3000:]}"
                 assert time.time() < deadline, "no checkpoint within 300 s"
@@ -307,7 +300,7 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_dir, demo_data, sft_dir, rm
             proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not manifest.is_finished(killed) and not (killed / "model.safetensors").exists()
-    checkpoint = _finished_checkpoints(killed)[-1]
+    checkpoint = finished_checkpoints(killed)[-1]
     at = int(checkpoint.name.split("-")[1])
     assert at < STEPS
     before_kill = _logs(killed)
@@ -580,11 +573,7 @@ def test_sigint_saves_a_checkpoint_and_resume_continues_it(tiny_dir, demo_data, 
     raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=steps, save_steps=1000))
     cfg = tmp_path / "ppo.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    r = subprocess.run(_cli("ppo", cfg, "--base", sft_dir, "-o", whole), capture_output=True, text=True, cwd=ROOT,
-                       env=ENV, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    expected = {rec["step"]: rec for rec in _logs(whole)}
+    expected, stopped = _uninterrupted(cfg, sft_dir, tmp_path / "whole"), tmp_path / "stopped"
 
     log = tmp_path / "stopped.log"
     with log.open("w") as f:

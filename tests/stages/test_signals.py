@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from posttrain import manifest
+from tests.conftest import finished_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -58,17 +59,6 @@ def _config(tmp_path: Path, tiny_dir, demo_data) -> Path:
     return p
 
 
-def _complete_checkpoints(out: Path) -> list[Path]:
-    found = []
-    for p in (out / "checkpoints").glob("checkpoint-*"):
-        try:
-            json.loads((p / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        found.append(p)
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
 @pytest.mark.parametrize(("stage", "sig"), [
     pytest.param(stage, sig, id=f"{stage}-{sig.name}")
     for stage, sig in [("sft", signal.SIGTERM), ("reward", signal.SIGINT), ("dpo", signal.SIGTERM),
@@ -91,7 +81,7 @@ def test_an_interrupted_run_resumes_to_the_same_losses(stage, sig, tiny_dir, dem
         try:
             deadline = time.time() + 300
             # SIGKILL once a periodic checkpoint exists; the others a few logged steps in
-            while not (_complete_checkpoints(stopped) if killed
+            while not (finished_checkpoints(stopped) if killed
                        else (stopped / "metrics.jsonl").is_file() and len(_losses(stopped)) >= 3):
                 assert proc.poll() is None, f"exited ({proc.returncode}) early:\n{log.read_text()[-3000:]}"
                 assert time.time() < deadline, "training did not start within 300 s"
@@ -104,7 +94,7 @@ def test_an_interrupted_run_resumes_to_the_same_losses(stage, sig, tiny_dir, dem
     err = log.read_text()
     if killed:
         assert proc.returncode == -signal.SIGKILL
-        checkpoint = _complete_checkpoints(stopped)[-1]
+        checkpoint = finished_checkpoints(stopped)[-1]
         at = int(checkpoint.name.split("-")[1])
     else:
         assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
