@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test clean clean-demo
+.PHONY: install install-gpu demo test test-gpu bench sft chain clean clean-demo
 
 install: $(STAMP)
 
@@ -33,8 +33,34 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, trl, posttrain; print('installed: torch', torch.__version__, '| trl', trl.__version__)"
 	@touch $@
 
+# The README's test command (and CI's): every CPU test. Tests marked cuda are for GPU runners.
 test: install
 	$(BIN)/python -m pytest -q
+
+# GPU runners: the posttrain[gpu] extra, then the CUDA tests (QLoRA 4-bit, bf16, packing, Liger;
+# several GPUs when present). Fails when no GPU is visible; -rs prints every skip with its reason.
+GPU_STAMP := $(VENV)/.installed-gpu
+install-gpu: $(GPU_STAMP)
+$(GPU_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev,gpu]"
+	@touch $@
+
+test-gpu: install-gpu
+	$(BIN)/python -m pytest -q -m cuda -rs
+
+# Benchmarks (scripts/bench.sh): posttrain vs plain TRL on CPU, start-up, data formatting, and the
+# GPU throughput benchmark when a GPU is visible; each result goes into docs/benchmarks.md.
+bench: install
+	bash scripts/bench.sh
+
+# Stage targets: `make sft CONFIG=configs/smol.yaml`, `make chain CONFIG=... ARGS="--from dpo"`.
+CONFIG ?= configs/demo.yaml
+ARGS ?=
+sft: install
+	$(BIN)/posttrain sft $(CONFIG) $(ARGS)
+
+chain: install
+	$(BIN)/posttrain run $(CONFIG) $(ARGS)
 
 demo: install
 	bash scripts/demo.sh

@@ -125,3 +125,16 @@ def finished_checkpoints(stage_dir) -> list:
 
     found = [p for p in (Path(stage_dir) / "checkpoints").glob("checkpoint-*") if complete(p)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+@pytest.hookimpl(trylast=True)  # after -m has deselected
+def pytest_collection_modifyitems(config, items):
+    """`make test-gpu` selects the tests marked cuda: with no GPU visible that is an error, not a
+    run of skipped tests that looks green."""
+    if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("tests marked cuda were selected, and no CUDA GPU is visible "
+                                "(run `make test` for the CPU suite)")

@@ -137,6 +137,8 @@ CASES: dict[str, Case] = {
                                                 needles=("not a LoRA adapter",)),
     "output that is a non-stage directory": Case("sft", args=("-o", "{tmp}/mine"), needles=("not empty",),
                                                  files={"mine/notes.txt": "mine"}),
+    "output inside a regular file": Case("sft", args=("-o", "{tmp}/taken/sft"), needles=("cannot create", "taken"),
+                                         files={"taken": "a file, not a directory"}),
     "eval before the chain ran": Case("eval", {"stages": ["sft", "eval"]}, ("no finished sft stage",)),
     "--from a stage not in the chain": Case("run", {"stages": ["format"]}, ("--from",), args=("--from", "dpo")),
 }

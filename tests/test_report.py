@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain import report
-from posttrain.console import PeakMemory
 
 
 def test_html_escapes_text_and_embeds_images(tmp_path):

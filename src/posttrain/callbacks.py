@@ -41,12 +41,20 @@ class TrainingGuard(TrainerCallback):
                 "the model has no trainable parameters",
                 fix="check the method (full/lora/qlora) and lora.target_modules",
             )
+        if state.is_world_process_zero:
+            _check_disk(self.model, args, state)
         if state.global_step > 0:  # resumed: the run that wrote the checkpoint did this check
             return
-        # A small sample is enough to see whether the optimizer moves anything.
-        self.before = {n: p.detach().flatten()[:64].clone() for n, p in params[:: max(1, len(params) // 16)]}
+        # The first elements of every trainable tensor: a sample of tensors could hold only LoRA A
+        # matrices, which cannot move in the first step while B is still zero.
+        self.before = {n: p.detach().flatten()[:64].clone() for n, p in params}
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            check_processes_agree(self.model, "after the first optimizer step")
+        self.check_changed(args, state)
+
+    def check_changed(self, args, state) -> None:
         if self.before is None:
             return
         params = dict(self.model.named_parameters())
@@ -61,6 +69,9 @@ class TrainingGuard(TrainerCallback):
                 fix="check gradient checkpointing with adapters, the learning rate, and lora.target_modules",
             )
 
+    def on_train_end(self, args, state, control, **kwargs):
+        check_processes_agree(self.model, f"at the end of training (step {state.global_step})")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
@@ -68,6 +79,77 @@ class TrainingGuard(TrainerCallback):
                 f"training loss became {loss} at step {state.global_step}",
                 fix="lower the learning rate, or use bf16 instead of fp16",
             )
+
+
+def any_process(flag: bool, device) -> bool:
+    """`flag` on any process (an all-reduced max; the flag itself with one process). torchrun
+    passes a signal on to the processes one after another, so each may see it at another step;
+    they must stop at the same one, or one saves while the others wait in the next step's
+    gradient all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def check_processes_agree(model, when: str) -> None:
+    """With several processes, every one must hold the same trainable weights (data parallelism
+    averages the gradients, so the updates are identical). If they differ, each process is
+    training a model of its own and the saved one saw only its share of the data: stop. Compares
+    two sums over the trainable parameters (fp64) across processes: two small all-reduces."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(type(p).__name__ == "DTensor" or p.numel() == 0 for p in params):
+        return  # sharded (FSDP2/ZeRO-3): each process holds a different shard by design
+    device = params[0].device
+    local = torch.stack([sum(p.detach().double().sum() for p in params),
+                         sum(p.detach().double().square().sum() for p in params)]).to(device)
+    high, low = local.clone(), local.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    # DDP replicas are bit-identical (the same averaged gradients, the same optimizer arithmetic),
+    # so any difference is real; 1e-12 of each sum's own size leaves room only for fp64 rounding
+    if ((high - low).abs() > 1e-12 * low.abs().clamp(min=1e-30)).any():
+        raise PosttrainError(
+            f"the {dist.get_world_size()} processes hold different weights {when}: their gradients were not "
+            "averaged, so each trained a model of its own on part of the data",
+            fix="report this as a bug with the accelerate config used; meanwhile train with --num-processes 1",
+        )
+
+
+def _check_disk(model, args, state) -> None:
+    """Free space for the output and the checkpoints this run will hold at once (posttrain.disk)."""
+    from posttrain import disk
+
+    steps_left = max(0, state.max_steps - state.global_step)
+    if args.save_strategy == "no":
+        saves = 0
+    elif args.save_strategy == "steps":
+        every = args.save_steps if args.save_steps >= 1 else math.ceil(args.save_steps * state.max_steps)
+        saves = steps_left // max(1, int(every))
+    else:  # per epoch or on a new best: as many as rotation allows
+        saves = steps_left
+    held = disk.checkpoints_held(args.save_total_limit, saves, keep_best=args.metric_for_best_model is not None)
+    disk.check_free_space(Path(args.output_dir).parent, disk.stage_bytes(model, checkpoints=held),
+                          f"the weights and {held} checkpoint{'s' if held != 1 else ''}")
+
+
+class PackingCheck(TrainerCallback):
+    """models.check_packing when training begins: the model is on its device by then (flash
+    attention runs on GPUs only), and resumed runs are checked too."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from posttrain import models
+
+        models.check_packing(model)
 
 
 class StopSignal:
@@ -124,7 +206,7 @@ class StopOnSignal(TrainerCallback):
         self.stop.install()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.requested:
+        if any_process(self.stop.requested, args.device):
             control.should_save = True
             control.should_training_stop = True
 

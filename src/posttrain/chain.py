@@ -47,7 +47,9 @@ def plan(cfg: Config) -> list[Step]:
     return steps
 
 
-def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False) -> dict:
+def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, launch_plan: dict | None = None,
+        debug: bool = False) -> dict:
+    """`launch_plan` (posttrain.launch.plan): run the training stages in several processes."""
     steps = plan(cfg)
     if from_stage is not None and from_stage not in cfg.stages:
         raise PosttrainError(f"--from '{from_stage}' is not one of this config's stages ({', '.join(cfg.stages)})")
@@ -66,12 +68,18 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False) ->
         s0 = time.time()
         with PeakMemory() as peak:
             if status != "up to date":
-                _run_stage(cfg, step, resume=status == "resuming")
+                _run_stage(cfg, step, resume=status == "resuming", launch_plan=launch_plan, debug=debug)
         m = manifest.read(step.output) or {}
         entry = {"stage": step.stage, "path": str(step.output), "parent": step.parent,
                  "status": "up to date" if status == "up to date" else "resumed" if status == "resuming" else "ran",
                  "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
                  "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "metrics": key_metrics(m)}
+        if launch_plan is not None and step.stage in LAUNCHED and status != "up to date":
+            # it ran in other processes: the peak its main process recorded (CUDA on a GPU, else RSS)
+            import torch
+
+            key = "peak_cuda_mb" if torch.cuda.is_available() else "peak_rss_mb"
+            entry.update({"peak_rss_mb": None, "peak_cuda_mb": None, key: m.get("metrics", {}).get("peak_memory_mb")})
         before = earlier.get(step.stage, {})
         if status == "up to date" and before.get("inputs_key") == entry["inputs_key"]:
             # what it cost when it ran, not the 0 s of skipping it
@@ -111,9 +119,18 @@ def decide(step: Step, key: str, forced: bool) -> str:
     return "running"
 
 
-def _run_stage(cfg: Config, step: Step, *, resume: bool) -> None:
+LAUNCHED = ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "control")  # the stages several processes share
+
+
+def _run_stage(cfg: Config, step: Step, *, resume: bool, launch_plan: dict | None = None, debug: bool = False) -> None:
     import importlib
 
+    if launch_plan is not None and step.stage in LAUNCHED:
+        from posttrain import launch
+
+        launch.run_stage(launch_plan, cfg, step.stage, base=step.parent, output=str(step.output), resume=resume,
+                         debug=debug)
+        return
     if step.stage == "format":
         from posttrain.stages import format as format_stage
 

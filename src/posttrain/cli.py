@@ -50,13 +50,28 @@ def user_errors(fn):
         except PosttrainError as e:
             if _state["debug"]:
                 raise
-            typer.echo(f"error: {e.line()}", err=True)
-            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+            _report(e.line(), getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception as e:
+            from posttrain import disk
+
+            if _state["debug"] or not disk.is_out_of_space(e):
+                raise
+            _report(disk.out_of_space_error(e).line(), 2)
 
     return wrapper
+
+
+def _report(line: str, code: int):
+    """One line on stderr and the exit code; in a process posttrain launched, the line goes to the
+    launching process instead, which prints it once for all ranks."""
+    from posttrain import launch
+
+    if not launch.report_error(code, line):
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code) from None
 
 
 def _load(config: Path | None, overrides: list[str] | None, base: str | None = None):
@@ -115,6 +130,26 @@ def format_cmd(config: ConfigArg = None, output: OutputOpt = None, set_: SetOpt 
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", help="Start from this model or finished stage (a full output or a LoRA adapter).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")]
+ProcessesOpt = Annotated[int | None, typer.Option(
+    "--num-processes", help="Run in N processes (one per GPU; gloo on CPUs) through accelerate launch "
+    "[default: launch.num_processes, 1].")]
+DistributedOpt = Annotated[str | None, typer.Option(
+    "--distributed", help="With --num-processes: ddp, fsdp (FSDP2), zero2 or zero3 (DeepSpeed) "
+    "[default: launch.distributed, ddp].")]
+
+
+def _launched(cfg, num_processes: int | None, distributed: str | None, argv: list[str]) -> bool:
+    """Re-run this command (`argv`) under accelerate launch when it asks for several processes;
+    True when that happened (the launched processes did the work)."""
+    from posttrain import launch
+
+    plan = launch.plan(cfg, num_processes, distributed)
+    if plan is None:
+        return False
+    code = launch.run(plan, argv, debug=_state["debug"])
+    if code:
+        raise typer.Exit(code)
+    return True
 
 # The training stages share one command shape: config, --base, --output, --set, --resume, --overwrite.
 TRAINING_COMMANDS = {
@@ -130,10 +165,17 @@ TRAINING_COMMANDS = {
 
 def _training_command(stage: str, doc: str) -> None:
     def command(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
-                resume: ResumeOpt = False, overwrite: OverwriteOpt = False) -> None:
+                resume: ResumeOpt = False, overwrite: OverwriteOpt = False, num_processes: ProcessesOpt = None,
+                distributed: DistributedOpt = None) -> None:
         import importlib
 
+        from posttrain import launch
+
         cfg = _load(config, set_, base)
+        argv = launch.stage_argv(stage, config, set_, base=base, output=output, resume=resume, overwrite=overwrite,
+                                 debug=_state["debug"])
+        if _launched(cfg, num_processes, distributed, argv):
+            return
         _quiet_libraries()
         importlib.import_module(f"posttrain.stages.{stage}").run(cfg, base=base, output=output, resume=resume,
                                                                  overwrite=overwrite)
@@ -199,14 +241,23 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config holding the cha
         from_: Annotated[str | None, typer.Option("--from", help="Rerun from this stage on.")] = None,
         dry_run: Annotated[bool, typer.Option(
             "--dry-run", help="Validate the chain and show each stage's settings and a rendered sample.")] = False,
+        num_processes: ProcessesOpt = None, distributed: DistributedOpt = None,
         ) -> None:
     """Run the chain in stages: (format → sft → reward → ppo → dpo → merge → control → eval), skipping
-    stages that are up to date; ends with report.md / report.html in output_dir."""
+    stages that are up to date; ends with report.md / report.html in output_dir. With several
+    processes, each training stage is launched through accelerate; the others run here."""
+    from posttrain import launch
+
+    if launch.inside_launch():
+        raise PosttrainError("`posttrain run` is running under a launcher (accelerate launch / torchrun): every "
+                             "process would run the whole chain", fix="run `posttrain run CONFIG --num-processes N`: "
+                             "it launches each training stage in N processes and runs the rest once")
     cfg = _load(config, set_)
+    plan = launch.plan(cfg, num_processes, distributed)
     _quiet_libraries()
     from posttrain import chain
 
-    chain.run(cfg, from_stage=from_, dry_run=dry_run)
+    chain.run(cfg, from_stage=from_, dry_run=dry_run, launch_plan=plan, debug=_state["debug"])
 
 
 @app.command()

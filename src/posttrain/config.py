@@ -392,6 +392,19 @@ class EvalStageConfig(Strict):
         return self
 
 
+class LaunchConfig(Strict):
+    """How many processes a training stage runs in. posttrain starts them through `accelerate
+    launch` (torchrun), never itself; `--num-processes` / `--distributed` on the command line win."""
+
+    num_processes: int = Field(1, ge=1, description="Processes for each training stage, one per GPU "
+                               "(CPU processes over gloo where there is no GPU). 1 = no launch.")
+    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp", description="ddp (a full copy per GPU), fsdp (FSDP2: weights, gradients and optimizer "
+        "sharded), zero2 / zero3 (DeepSpeed ZeRO, needs deepspeed).")
+    config_file: str | None = Field(None, description="An accelerate config of your own instead of the one "
+                                    "posttrain ships for `distributed` (configs/accelerate/).")
+
+
 class Config(Strict):
     model: ModelConfig
     template: TemplateConfig = Field(default_factory=TemplateConfig)
@@ -401,6 +414,7 @@ class Config(Strict):
     )
     output_dir: str = "runs/posttrain"
     seed: int = 42
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     format: FormatStageConfig = Field(default_factory=FormatStageConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
@@ -414,6 +428,8 @@ class Config(Strict):
     # The directory of the YAML file: reward functions (`module:function`) are imported from there
     # or from installed packages, nowhere else.
     _source_dir: str | None = PrivateAttr(None)
+    # The file and --set overrides it was read from: what a launched process reads again.
+    _source: tuple[str | None, tuple[str, ...]] = PrivateAttr((None, ()))
 
     @field_validator("stages")
     @classmethod
@@ -498,6 +514,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
             mark = getattr(e, "problem_mark", None)
             at = f"{p}:{mark.line + 1}" if mark else str(p)
             raise PosttrainError(f"not valid YAML ({getattr(e, 'problem', e)})", where=at) from None
+        except UNCONSTRUCTABLE as e:
+            raise PosttrainError(f"a value PyYAML cannot read ({type(e).__name__}: {_short(e)})", where=str(p),
+                                 fix="quote the value to make it a string, or fix it") from None
         if loaded is None:
             raise PosttrainError("config file is empty", where=str(p), fix="see configs/ for examples")
         if not isinstance(loaded, dict):
@@ -509,6 +528,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     cfg = validate_dict(raw, where=where, lines=lines)
     if path is not None:
         cfg._source_dir = str(Path(path).resolve().parent)
+    cfg._source = (str(path) if path is not None else None, tuple(overrides or ()))
     return cfg
 
 
@@ -530,6 +550,16 @@ _Loader.add_implicit_resolver(
 )
 
 
+# What PyYAML's constructors raise for a scalar it resolved (or was told by a tag) to a type that
+# cannot hold it: 2020-02-30 as a date, `!!int x`, an int of more than 4300 digits; and Python's
+# recursion limit for input nested thousands deep.
+UNCONSTRUCTABLE = (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError)
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:120]
+
+
 def _parse_value(text: str):
     return yaml.load(text, Loader=_Loader) if text.strip() else None  # noqa: S506
 
@@ -540,6 +570,9 @@ def validate_dict(raw: dict, where: str = "config", lines: dict[tuple, int] | No
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise _to_error(e, where, lines) from None
+    except RecursionError:
+        raise PosttrainError("the config is nested too deeply (or refers to itself through a YAML anchor)",
+                             where=where, fix="flatten it; no posttrain setting nests more than a few levels") from None
     for stage, cls_name in TRAINING_STAGE_TRL_CONFIG.items():
         _check_training(getattr(cfg, stage).training, cls_name, (stage, "training"), where, lines)
     _check_cross_training(cfg, where)
@@ -562,8 +595,8 @@ def _apply_override(raw: dict, item: str, lines: dict) -> None:
         raise PosttrainError(f"--set '{item}' has an empty key")
     try:
         parsed = _parse_value(value)
-    except yaml.YAMLError:
-        parsed = value
+    except (yaml.YAMLError, *UNCONSTRUCTABLE):
+        parsed = value  # as the string it is; validation says what the key wants
     for known in [k for k in lines if k[: len(parts)] == tuple(parts)]:
         del lines[known]
     lines[tuple(parts)] = f"--set {item}"
@@ -595,16 +628,23 @@ def _list_item(items: list, k: str, item: str):
 
 
 def _line_map(node, path: tuple, out: dict) -> None:
-    """Remember the line of every mapping key and list item so errors can point into the file."""
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = (*path, k.value)
-            out[key] = k.start_mark.line + 1
-            _line_map(v, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out[(*path, i)] = v.start_mark.line + 1
-            _line_map(v, (*path, i), out)
+    """Remember the line of every mapping key and list item so errors can point into the file.
+    A loop, not recursion (any depth), and each node once (an anchor may refer to itself)."""
+    todo, seen = [(node, path)], set()
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                out[key] = k.start_mark.line + 1
+                todo.append((v, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[(*path, i)] = v.start_mark.line + 1
+                todo.append((v, (*path, i)))
 
 
 def _where(where: str, lines: dict, loc: tuple) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def load_source(src: SourceConfig):
 
     datasets.disable_progress_bars()
     path = Path(src.path).expanduser()
-    if path.is_file() and not path.read_bytes()[:65536].strip():
+    if path.is_file() and not _head(path).strip():
         raise PosttrainError(f"dataset '{src.path}' is empty", fix="point data.*.path at a file with rows")
     try:
         if path.is_file():
@@ -70,6 +71,8 @@ def load_source(src: SourceConfig):
                     fix=f"use one of {', '.join(LOCAL_FORMATS)}",
                 )
             _check_utf8(path) if fmt != "parquet" else None
+            if fmt == "json":
+                _check_first_row(path)
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
         elif path.is_dir() and (path / "dataset_info.json").exists():
             ds = datasets.load_from_disk(str(path))
@@ -91,14 +94,40 @@ def load_source(src: SourceConfig):
             f"data.columns maps {missing}, but '{src.path}' has columns {ds.column_names}",
             fix="fix the columns: mapping",
         )
-    ds = ds.rename_columns({k: v for k, v in src.columns.items() if k != v})
+    renames = {k: v for k, v in src.columns.items() if k != v}
+    targets = list(renames.values())
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise PosttrainError(f"data.columns maps several columns of '{src.path}' to {twice}",
+                             fix="map each canonical name from one column only")
+    taken = sorted(t for t in targets if t in ds.column_names and t not in renames)
+    if taken:
+        raise PosttrainError(f"data.columns renames a column to {taken}, which '{src.path}' already has",
+                             fix=f"drop that entry, or map the existing {taken[0]!r} column elsewhere too")
+    ds = ds.rename_columns(renames)
     if src.limit:
         ds = ds.select(range(min(src.limit, len(ds))))
     return ds
 
 
+def _head(path: Path, n: int = 65536) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)
+
+
 def _looks_local(p: str) -> bool:
     return p.startswith((".", "/", "~")) or Path(p).suffix.lower() in LOCAL_FORMATS or p.count("/") != 1
+
+
+_NULL_FIRST = re.compile(rb"\A\s*(\[\s*)?null\b")
+
+
+def _check_first_row(path: Path) -> None:
+    """A JSON(L) file whose first row is `null` crashes the interpreter inside pyarrow's JSON
+    reader (a segfault, not an exception; pyarrow 26), so it is refused before pyarrow sees it."""
+    if _NULL_FIRST.match(_head(path, 4096).removeprefix(b"\xef\xbb\xbf")):
+        raise PosttrainError("the first row is null, not a JSON object", where=str(path),
+                             fix="remove the null row(s): every row must be an object such as {\"messages\": [...]}")
 
 
 def _check_utf8(path: Path) -> None:
@@ -322,13 +351,7 @@ def format_dataset(name: str, dc: DataConfig, system_prompt: str | None = None) 
             ds = load_source(src)
             if Path(src.path).is_file():
                 files[src.path] = file_hash(src.path)
-            shape = detect_shape(ds.column_names, dc.kind)
-            rows, bad = [], []
-            for i, row in enumerate(ds):
-                try:
-                    rows.append(to_canonical(row, shape, src.roles, system_prompt))
-                except RowError as e:
-                    bad.append((src.path, i, str(e)))
+            converted, bad = _convert(ds, detect_shape(ds.column_names, dc.kind), src, system_prompt)
             rows_in += len(ds)
             dropped += bad
             share = len(bad) / len(ds)
@@ -341,13 +364,50 @@ def format_dataset(name: str, dc: DataConfig, system_prompt: str | None = None) 
                     fix=f"fix the data or the columns:/roles: mapping (data.{name}.max_bad_fraction is "
                     f"{dc.max_bad_fraction})",
                 )
-            parts[split].append(datasets.Dataset.from_list(rows))
+            parts[split].append(converted)
     train = datasets.concatenate_datasets(parts["train"])
     evald = datasets.concatenate_datasets(parts["eval"]) if parts["eval"] else None
     if evald is None and dc.eval_fraction > 0:
-        n_eval = max(1, round(len(train) * dc.eval_fraction))
+        if len(train) < 2:
+            raise PosttrainError(f"data.{name} has {len(train)} training row(s) after formatting: too few to split "
+                                 f"off eval_fraction {dc.eval_fraction}",
+                                 fix=f"add rows, give data.{name}.eval sources, or set eval_fraction: 0")
+        n_eval = min(max(1, round(len(train) * dc.eval_fraction)), len(train) - 1)
         split = train.train_test_split(test_size=n_eval, seed=dc.seed, shuffle=True)
         train, evald = split["train"], split["test"]
     if len(train) == 0:
         raise PosttrainError(f"data.{name} has no training rows left after formatting")
     return Formatted(train, evald, rows_in, dropped, files)
+
+
+_ERROR = "__posttrain_row_error__"
+
+
+def _convert(ds, shape: str, src: SourceConfig, system_prompt: str | None):
+    """Every row of `ds` through `to_canonical`, in batches written to Arrow (datasets.map), so a
+    dataset larger than memory is never held as Python objects. Returns (converted, bad rows)."""
+    import datasets
+
+    message = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    columns = ("prompt", "chosen", "rejected") if shape == "preference" else ("messages",)
+    features = datasets.Features({**{c: message for c in columns}, _ERROR: datasets.Value("string")})
+
+    def convert(batch: dict) -> dict:
+        out = {c: [] for c in (*columns, _ERROR)}
+        for values in zip(*batch.values()):
+            try:
+                row, error = to_canonical(dict(zip(batch, values)), shape, src.roles, system_prompt), None
+            except RowError as e:
+                row, error = dict.fromkeys(columns, []), str(e)
+            for c in columns:
+                out[c].append(row[c])
+            out[_ERROR].append(error)
+        return out
+
+    converted = ds.map(convert, batched=True, remove_columns=ds.column_names, features=features,
+                       load_from_cache_file=False)
+    errors = converted[_ERROR]
+    bad = [(src.path, i, e) for i, e in enumerate(errors) if e is not None]
+    if bad:
+        converted = converted.select([i for i, e in enumerate(errors) if e is None])
+    return converted.remove_columns(_ERROR), bad

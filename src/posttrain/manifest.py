@@ -125,7 +125,12 @@ def prepare_output(directory: str | Path, *, overwrite: bool, resume: bool = Fal
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PosttrainError(f"cannot create output directory '{d}': {e.strerror}") from None
-    if not os.access(d, os.W_OK):
-        raise PosttrainError(f"output directory '{d}' is not writable", fix="choose another --output")
+    probe = d / ".posttrain-write-test"
+    try:  # a real write: permissions, read-only mounts and full disks all show here
+        probe.write_bytes(b"posttrain")
+        probe.unlink()
+    except OSError as e:
+        raise PosttrainError(f"output directory '{d}' is not writable: {e.strerror}",
+                             fix="choose another --output, or free space / fix its permissions") from None
     (d / MANIFEST).unlink(missing_ok=True)
     return d

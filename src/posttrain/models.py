@@ -248,13 +248,45 @@ def _load_kwargs(cfg: Config, method: str) -> dict:
     kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
     if not cfg.model.allow_pickle_weights:
         kwargs["use_safetensors"] = True
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if attention(cfg):
+        kwargs["attn_implementation"] = attention(cfg)
     if method == "qlora":
         kwargs["quantization_config"] = bnb_config(dtype)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        if torch.cuda.is_available() and not _sharded():
+            # this process's GPU: under DDP each process loads its own copy there (the current device
+            # is still GPU 0 in every process when the model loads, before the trainer sets it)
+            import os
+
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return kwargs
+
+
+def _sharded() -> bool:
+    """FSDP or DeepSpeed ZeRO-3 (accelerate's launch environment): they place and shard the weights
+    themselves, so a QLoRA base gets no device_map."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that take packed rows as they are
+
+
+def attention(cfg: Config) -> str | None:
+    """The attention implementation models load with: model.attn_implementation, else flash
+    attention 2 on a GPU with 16-bit weights when flash-attn is installed, else None
+    (transformers' choice, sdpa)."""
+    if cfg.model.attn_implementation:
+        return cfg.model.attn_implementation
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and torch_dtype(cfg.model.dtype) != torch.float32 \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
 
 
 def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
@@ -363,6 +395,12 @@ def apply_lora(model, lora: LoraConfig, *, quantized: bool, train_embeddings: bo
     return get_peft_model(model, lora_config(model, lora, train_embeddings=train_embeddings))
 
 
+def _linear_names(model) -> list[str]:
+    """The last name part of every linear layer (what LoRA can target), e.g. q_proj, lm_head."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")})
+
+
 def lora_config(model, lora: LoraConfig, *, train_embeddings: bool, task_type: str = "CAUSAL_LM"):
     """PEFT's LoraConfig for `model`; every target pattern must match a module (#19)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -373,7 +411,7 @@ def lora_config(model, lora: LoraConfig, *, train_embeddings: bool, task_type: s
         if unmatched:
             raise PosttrainError(
                 f"lora.target_modules {unmatched} match no module of the model",
-                fix=f"module names here end in e.g. {sorted({n.rsplit('.', 1)[-1] for n in names if n})[:12]}",
+                fix=f"the linear layers here are named {_linear_names(model)}",
             )
     to_save = list(lora.modules_to_save)
     if train_embeddings:
@@ -395,3 +433,48 @@ def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def check_packing(model) -> None:
+    """Safeguard #27, on the model as loaded: packed conversations must not see each other.
+
+    TRL's packing (bfd) and padding-free batches put several conversations in one row and mark
+    where each starts only through the position ids (no attention mask); transformers turns those
+    into a block-diagonal causal mask, for eager, sdpa and flash attention alike. A model whose
+    attention ignores position ids (custom remote code, some kernels) would let each conversation
+    attend to the ones packed before it, silently. Two random sequences, the second alone and
+    packed after the first: its logits must agree.
+    """
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    if weight.is_meta or weight.numel() == 0 or type(weight).__name__ == "DTensor":
+        return  # sharded (FSDP2, ZeRO-3): a forward needs every process; the packed run itself shows it
+    g = torch.Generator().manual_seed(0)
+    vocab = weight.shape[0]
+    first, second = torch.randint(0, vocab, (1, 7), generator=g), torch.randint(0, vocab, (1, 5), generator=g)
+    device = model.get_input_embeddings().weight.device
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            # without a KV cache, as the trainers call it: with one, transformers skips the
+            # packed-sequence detection (and the conversations do mix)
+            alone = model(input_ids=second.to(device), use_cache=False).logits.float()
+            packed = model(input_ids=torch.cat([first, second], 1).to(device), position_ids=positions.to(device),
+                           use_cache=False).logits[:, 7:].float()
+    finally:
+        model.train(was_training)
+    diff = (alone - packed).abs().max().item()
+    scale = alone.abs().max().item()
+    dtype = model.get_input_embeddings().weight.dtype
+    tolerance = (1e-4 if dtype == torch.float32 else 3e-2) * max(1.0, scale)
+    if not diff <= tolerance:
+        impl = getattr(model.config, "_attn_implementation", None) or "this model's"
+        raise PosttrainError(
+            f"packing: with {impl} attention a conversation packed after another sees it (its logits change by "
+            f"{diff:.3g}), so packed training would mix conversations",
+            fix="set sft.training.packing: false (and padding_free: false), or model.attn_implementation: sdpa or "
+            "flash_attention_2",
+        )

@@ -95,6 +95,25 @@ def test_masked_mean_two_processes_equals_global_mean():
     close(b, 13.0 / 3.0)
 
 
+def test_loss_shares_of_two_processes_average_to_the_global_token_mean():
+    """policy/value losses with count = global tokens / processes: the mean of the two processes'
+    losses (what DDP's gradient averaging sees) is the token mean over both, although one holds 2
+    real tokens and the other 1 (the plain per-process means average to 5.75 instead)."""
+    from posttrain.rl.core import token_sum_over
+
+    xa, ma = t([[1.0, 2.0, 9.0]]), t([[1, 1, 0]])
+    xb, mb = t([[10.0, 50.0, 50.0]]), t([[1, 0, 0]])
+    count = (ma.sum() + mb.sum()) / 2
+    a, b = token_sum_over(xa, ma, count), token_sum_over(xb, mb, count)
+    close((a + b) / 2, 13.0 / 3.0)
+    close(token_sum_over(xa, ma, None), 1.5)  # one process, no count: its own masked mean
+    # split into micro-batches, the shares add up to the mini-batch mean
+    close(token_sum_over(xa[:, :1], ma[:, :1], 2.0) + token_sum_over(xa[:, 1:], ma[:, 1:], 2.0), 1.5)
+    # the clipped losses take the same count
+    loss, _ = value_loss(xa, xa, xa + 1.0, ma, 0.2, count)
+    close(loss, 0.5 * 2 / 1.5)
+
+
 # real tokens 1, 2, 3 | 5, 7; padding 100
 WX = [[1.0, 2.0, 3.0, 100.0], [5.0, 7.0, 100.0, 100.0]]
 WM = [[1, 1, 1, 0], [1, 1, 0, 0]]

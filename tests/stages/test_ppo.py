@@ -327,7 +327,8 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_dir, demo_data, sft_dir, rm
 
 
 def test_two_processes(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path):
-    """`accelerate launch --multi_gpu` with no GPU visible starts 2 CPU processes (torchrun, gloo);
+    """`accelerate launch ... -m posttrain` typed by hand (posttrain runs inside the processes it
+    started): with --multi_gpu and no GPU visible it starts 2 CPU processes (torchrun, gloo);
     `--cpu --num_processes 2` would start one (accelerate 1.15's simple launcher), which the
     manifest's `processes` would show."""
     raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=3, batch_size=4, mini_batch_size=2,
@@ -337,7 +338,7 @@ def test_two_processes(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path):
     out = tmp_path / "ppo"
     launcher = Path(sys.executable).with_name("accelerate")
     r = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain.cli", "ppo", str(cfg),
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "posttrain", "ppo", str(cfg),
                         "--base", str(sft_dir), "-o", str(out)],
                        capture_output=True, text=True, cwd=ROOT, env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

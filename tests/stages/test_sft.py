@@ -128,6 +128,35 @@ def test_nothing_trains_is_loud(make_config):
     assert not manifest.is_finished(cfg.output_dir + "/sft")
 
 
+def test_guard_sees_a_lora_step_on_a_deep_model():
+    """The guard compares every trainable tensor. After one real step on LoRA (no weight decay, the
+    Trainer default), only the B matrices
+    have moved (A's gradient is zero while B is zero); a guard that sampled a subset of tensors
+    could pick only A matrices and stop a healthy run. 16 layers give 112 LoRA tensors."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain import demo, tiny
+    from posttrain.callbacks import TrainingGuard
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.build_model(tiny.build_tokenizer(demo.corpus()), hidden=32, layers=16),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    guard = TrainingGuard(model)
+    args = SimpleNamespace(get_warmup_steps=lambda n: 0)
+    guard.on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=False), None)
+    assert len(guard.before) == sum(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 300, (2, 12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not p.flatten()[:64].equal(guard.before[n])]
+    assert moved and all("lora_B" in n for n in moved)  # the situation a sample of A matrices would miss
+    guard.on_step_end(args, SimpleNamespace(global_step=1, max_steps=10), None)  # no error
+    assert guard.before is None  # it saw the change
+
+
 def test_report_to_tensorboard_passes_through_to_the_trainer(make_config, tmp_path, monkeypatch):
     """The losses reach TensorBoard under <stage>/runs, all of them: transformers alone would send
     those logged before its on_train_begin (and, through that writer, the whole run) to ./runs."""
@@ -140,3 +169,25 @@ def test_report_to_tensorboard_passes_through_to_the_trainer(make_config, tmp_pa
     assert [v for _, v in logged["train/loss"]] == pytest.approx(list(read_losses(out).values()))
     assert len(logged["eval/loss"]) == 2  # before and after training
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_new_lora_adapter_starts_the_same_in_every_run(make_config):
+    """common.seed before loading: the adapter's random A matrices are the same in two runs of
+    one config (and so in 1 or N processes, which broadcast rank 0's). The negative control, two
+    loads without the seed, differ: the Trainer seeds only once the model exists."""
+    from posttrain import models
+    from posttrain.stages import common
+
+    cfg = make_config(sft__method="lora", sft__lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    tok = models.load_tokenizer(cfg, cfg.model.name_or_path)
+
+    def lora_a(seeded: bool) -> dict:
+        if seeded:
+            common.seed(cfg)
+        model = models.load_causal_lm(cfg, cfg.model.name_or_path, "lora", cfg.sft.lora, tok)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, second = lora_a(True), lora_a(True)
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    third, fourth = lora_a(False), lora_a(False)
+    assert not all(torch.equal(third[n], fourth[n]) for n in third)

@@ -81,14 +81,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def token_sum_over(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None) -> torch.Tensor:
+    """sum(x·mask) / count: the masked mean when count is None (mask.sum()). With several processes
+    each passes count = the mini-batch's real tokens on all processes / the number of processes:
+    averaging those per-process losses (and DDP averaging their gradients) then gives the mean over
+    every token of the global mini-batch, as one process would compute it, however unevenly the
+    tokens are split between processes."""
+    if count is None:
+        return masked_mean(x, mask)
+    return (x * mask).sum() / torch.as_tensor(count, dtype=x.dtype, device=x.device).clamp(min=1e-8)
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate: mean_t max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) over real tokens."""
+                cliprange: float, count: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate: mean_t max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) over real tokens
+    (`count`: see token_sum_over)."""
     log_ratio = (logp - old_logp) * mask
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_sum_over(torch.maximum(unclipped, clipped), mask, count)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -99,11 +111,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict]:
-    """½·mean_t max((V - R)², (clip(V, V_old ± ε_v) - R)²) over real tokens."""
+               cliprange_value: float, count: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """½·mean_t max((V - R)², (clip(V, V_old ± ε_v) - R)²) over real tokens (`count`: see token_sum_over)."""
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     losses = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    loss = 0.5 * masked_mean(losses, mask)
+    loss = 0.5 * token_sum_over(losses, mask, count)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)}
     return loss, stats

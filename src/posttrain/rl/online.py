@@ -86,7 +86,8 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     from posttrain.callbacks import MetricsJsonl, StopOnSignal, tensorboard_into
 
     config_cls, trainer_cls = (getattr(trl, name) for name in TRAINERS[stage])
-    kwargs = common.trainer_kwargs(cfg, stage, out, has_eval=eval_ds is not None)
+    estimate = common.check_memory(cfg, stage, source)
+    kwargs = common.trainer_kwargs(cfg, stage, out, has_eval=eval_ds is not None, estimate=estimate)
     kwargs["reward_weights"] = [r.weight for r in sources]
     if kwargs.get("use_vllm"):  # vLLM samples with its own stop list; the transformers path is checked below
         kwargs["generation_kwargs"] = {"stop_token_ids": [tok.eot_id], **(kwargs.get("generation_kwargs") or {})}
@@ -96,14 +97,13 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         raise PosttrainError(f"{stage}.training: {_first_line(e)}") from None
 
     # 4. policy (with its reference), reward models, trainer
-    if common.trainer_is_main():
-        manifest.prepare_output(out, overwrite=True, resume=resume)
-        lineage.mark_started(out, key)
+    common.start_output(out, key, resume=resume)
     continues_adapter = models.adapter_base(source) is not None and section.method != "full"
     # A LoRA policy arrives wrapped (a new adapter, or the starting stage's adapter continued): TRL
     # then keeps a frozen copy of that adapter, "ref", as the reference. Handing TRL a bare model
     # plus peft_config would make "adapter disabled" the reference, which for a continued adapter
     # is the pre-SFT base (and TRL refuses a PeftModel together with a peft_config).
+    common.seed(cfg)
     model = models.load_causal_lm(cfg, source, section.method, section.lora, tok, wrap=True)
     trainable, total = models.trainable_parameters(model)  # before TRL adds its reference adapter
     reward_funcs, reward_tokenizers = load_rewards(sources)
@@ -146,6 +146,8 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         # each completion is generated once and trained on num_iterations times
         "train_sequences": round(trainer.state.global_step * common.global_batch_size(args)
                                  * (1 + 1 / getattr(args, "num_iterations", 1))),
+        "speed": common.speed_line(args, model),
+        "memory_estimate_mb": common.estimate_mb(estimate),
     }
     common.write_manifest(
         out, stage, cfg, tok, parent=source, key=key, started=started,
@@ -172,8 +174,9 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         "groups with equal rewards (last)": metrics["frac_reward_zero_std_last"],
         "completions cut at max length (last)": metrics["clipped_ratio_last"],
         "final train loss": metrics["train_loss_final"],
+        "speed settings": metrics["speed"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
-        "peak memory": f"{metrics['peak_memory_mb']:.0f} MB",
+        "peak memory": common.memory_line(metrics),
         "output": str(out),
     })
     if metrics["frac_reward_zero_std_last"] == 1.0:
@@ -384,11 +387,11 @@ def reward_aware_guard(model):
     class RewardAwareGuard(TrainingGuard):
         trainer = None
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def check_changed(self, args, state) -> None:
             logged = self.trainer._metrics["train"].get("frac_reward_zero_std") if self.trainer is not None else None
             if self.before is not None and logged and logged[-1] >= 1.0:
                 return
-            super().on_step_end(args, state, control, **kwargs)
+            super().check_changed(args, state)
 
     return RewardAwareGuard(model)
 

@@ -61,8 +61,95 @@ def check_output(out: Path, source: str, *, resume: bool, overwrite: bool) -> Pa
     return last
 
 
-def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool) -> dict:
-    """TRL config arguments: posttrain's defaults < device defaults < the user's `<stage>.training`."""
+def seed(cfg: Config) -> None:
+    """Seed every RNG before the model loads. A new LoRA adapter's A matrices and a reward model's
+    score head are random; the Trainer seeds only when it is built, after the model exists, so
+    without this two runs of the same config would train different models (and two processes
+    would start from another init than one)."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+
+
+KEEPS_BEST = ("sft", "reward", "dpo")  # the TRL stages whose held-out loss picks the best checkpoint
+
+
+def check_memory(cfg: Config, stage: str, source: str):
+    """The stage's memory estimate (posttrain.memory) before its weights load, with a warning on
+    the main process when it won't fit that names the cheapest change that would. Unless the
+    config sets activation checkpointing, this decides it: off when the stage fits without, and
+    the estimate returned is for what will run. None when the model's config can't be read here
+    (loading it reports why)."""
+    from dataclasses import replace
+
+    from posttrain import memory
+
+    try:
+        est = memory.estimate_stage(cfg, stage, source)
+    except Exception as e:  # noqa: BLE001 - advisory: an architecture it can't read must not stop training
+        if trainer_is_main() and not isinstance(e, PosttrainError):
+            console.print(f"[dim]memory estimate unavailable for this model ({type(e).__name__}: {e})[/]")
+        return None
+    available = _least_across_processes(memory.available_bytes())
+    section = "sft" if stage == "control" else stage
+    if stage != "ppo" and not any(k in getattr(cfg, section).training for k in CHECKPOINTING_KEYS):
+        # posttrain's default: activation checkpointing only when the stage won't fit without it
+        without = memory.estimate(replace(est.settings, checkpointing=False))
+        est = without if without.total <= available else memory.estimate(replace(est.settings, checkpointing=True))
+    warning = memory.check(est, available)
+    if warning and trainer_is_main():
+        console.print(f"[yellow]warning[/] memory: {warning}")
+    return est
+
+
+def _least_across_processes(value: int) -> int:
+    """The smallest value over all processes, so that they all decide the same."""
+    import torch
+    import torch.distributed as dist
+
+    state = _process_state()
+    if state.num_processes < 2 or not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], device=state.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")  # transformers 5.23 takes both
+
+
+def speed_defaults(cfg: Config, stage: str, has_cuda: bool, estimate=None) -> dict:
+    """The fast settings, as defaults under the user's `<stage>.training` (docs/benchmarks.md has
+    the measurements behind them):
+      - activation checkpointing only when the memory estimate says the stage won't fit without it
+        (TRL turns it on always, at about 20-30% of the step time);
+      - on CUDA with a varlen attention kernel (flash attention, models.attention): SFT packs
+        conversations into full rows (best-fit decreasing, padding-free through position ids;
+        the model's attention is checked to segment them, models.check_packing). Not with sdpa
+        or eager: transformers then builds a dense block-diagonal mask over the whole flattened
+        batch, (batch · max_length)² entries, more attention work than padding wastes;
+      - on CUDA, Liger's fused kernels when liger-kernel is installed (the posttrain[gpu] extra).
+    bf16 on GPUs that have it is a device default (config.device_training_defaults); the fused
+    AdamW is already transformers' default (adamw_torch_fused on torch >= 2.8)."""
+    # check_memory decided it (off when the stage fits without); without an estimate, off
+    out = {"activation_checkpointing": bool(estimate is not None and estimate.settings.checkpointing)}
+    if has_cuda and stage == "sft" and models.attention(cfg) in models.VARLEN_ATTENTION:
+        out.update(packing=True, packing_strategy="bfd")
+    if has_cuda and stage in ("sft", "reward", "dpo") and _liger_installed():
+        out["use_liger_kernel"] = True
+    return out
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool, estimate=None) -> dict:
+    """TRL config arguments: posttrain's defaults < device and speed defaults < the user's
+    `<stage>.training`. `estimate`: the stage's memory estimate (check_memory), which decides
+    activation checkpointing."""
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -78,11 +165,56 @@ def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool) -> dict:
         "per_device_eval_batch_size": 32,
     }
     defaults.update(config_mod.device_training_defaults(has_cuda, has_cuda and torch.cuda.is_bf16_supported()))
-    kwargs = {**defaults, **getattr(cfg, stage).training}
+    user = getattr(cfg, stage).training
+    speed = speed_defaults(cfg, stage, has_cuda, estimate)
+    if any(k in user for k in CHECKPOINTING_KEYS):  # either name set by the user decides
+        speed.pop("activation_checkpointing")
+    defaults.update(speed)
+    if has_eval and stage in KEEPS_BEST:
+        # Held-out loss at every save, so rotation keeps the best checkpoint besides the newest ones.
+        defaults.update(eval_strategy="steps", metric_for_best_model="eval_loss")
+    kwargs = {**defaults, **user}
+    if kwargs.get("eval_strategy") == "steps" and "eval_steps" not in user:
+        kwargs["eval_steps"] = kwargs["save_steps"]
     kwargs["output_dir"] = str(out / CHECKPOINTS)
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     return kwargs
+
+
+def estimate_mb(estimate) -> dict | None:
+    """The memory estimate for the manifest: the total and each model's share, in MB."""
+    if estimate is None:
+        return None
+    return {"total": round(estimate.total / 2**20, 1),
+            **{k: round(v / 2**20, 1) for k, v in estimate.groups().items()}}
+
+
+def memory_line(metrics: dict) -> str:
+    """Peak memory (CUDA allocator on a GPU; on a CPU the process's RSS, interpreter and libraries
+    included) next to the estimate made before loading (weights, gradients, optimizer, activations)."""
+    import torch
+
+    peak, est = metrics.get("peak_memory_mb"), metrics.get("memory_estimate_mb")
+    text = f"{peak:.0f} MB {'CUDA' if torch.cuda.is_available() else 'RSS'}" if peak is not None else "-"
+    return text + (f"; estimated before loading: {est['total']:.0f} MB of weights, optimizer and activations"
+                   if est else "")
+
+
+def speed_line(args, model) -> str:
+    """The speed settings a TRL stage trained with, for its summary and manifest."""
+    parts = ["bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"]
+    config = getattr(model, "config", None)
+    parts.append(f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
+    if getattr(args, "packing", False):
+        parts.append(f"packing ({args.packing_strategy}, padding-free)")
+    elif getattr(args, "padding_free", False):
+        parts.append("padding-free")
+    if args.use_liger_kernel:
+        parts.append("Liger kernels")
+    parts.append(f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
+    parts.append(str(getattr(args.optim, "value", args.optim)))
+    return ", ".join(parts)
 
 
 def check_saved(out: Path, tok: models.TokenizerInfo, method: str) -> None:
@@ -143,6 +275,7 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
     manifest.write(out, {
         "stage": stage,
         **fields,
+        **({"checkpoints": checkpoints_record(out)} if (out / CHECKPOINTS).is_dir() else {}),
         "parent": lineage.parent_record(parent),
         "inputs_key": key,
         "template_hash": tok.template_hash,
@@ -154,6 +287,27 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
         "started": started,
         "finished": manifest.now(),
     })
+
+
+def checkpoints_record(out: Path) -> dict:
+    """The checkpoints rotation kept, and the best by held-out loss (TRL stages) or reward (PPO),
+    as the newest checkpoint's trainer state recorded it."""
+    kept = sorted_checkpoints(out)
+    state = {}
+    if kept:
+        try:
+            state = json.loads((kept[-1] / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    best = state.get("best_model_checkpoint")
+    return {"kept": [p.name for p in kept], "best": Path(best).name if best else None,
+            "best_metric": state.get("best_metric")}
+
+
+def sorted_checkpoints(out: Path) -> list[Path]:
+    d = out / CHECKPOINTS
+    found = [p for p in d.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
 
 def adapter_base_of(source: str, method: str) -> str | None:
@@ -200,10 +354,7 @@ def last_checkpoint(out: Path) -> Path | None:
     process killed while saving leaves a checkpoint without it (or with a torn one): skip such. A
     checkpoint whose weights or optimizer/RNG files are truncated (a full disk, a copy cut short)
     is skipped too, with a warning naming the file, so a resume falls back to the one before."""
-    d = out / CHECKPOINTS
-    found = sorted(d.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1])
-                   if p.name.rsplit("-", 1)[-1].isdigit() else -1) if d.is_dir() else []
-    for ckpt in reversed(found):
+    for ckpt in reversed(sorted_checkpoints(out)):
         try:
             json.loads((ckpt / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError):
@@ -235,6 +386,32 @@ def damaged_file(ckpt: Path) -> str | None:
     return None
 
 
+def evaluate_before_training(trainer) -> dict:
+    """trainer.evaluate() before trainer.train(), without its multi-process trap.
+
+    evaluate() prepares the model in evaluation mode, and accelerate marks it prepared; train() then
+    takes it as already wrapped and never puts it in DistributedDataParallel, so with several
+    processes each one trains its own copy and nothing says so (transformers 5.23, accelerate
+    1.15; found by the 2-process tests). Dropping that mark lets train() wrap the model.
+    TrainingGuard's cross-process weight check stops any run where the processes drift apart.
+    """
+    metrics = trainer.evaluate()
+    model, acc = trainer.model, trainer.accelerator
+    if acc.num_processes > 1 and trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        if model in acc._models:
+            acc._models.remove(model)
+    return metrics
+
+
+def final_eval(trainer) -> dict | None:
+    """The held-out record the trainer logged at its last step, if any: with eval_strategy "steps"
+    transformers evaluates when training ends, so evaluating again would repeat the same pass."""
+    state = trainer.state
+    record = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    return record if record is not None and record.get("step") == state.global_step else None
+
+
 def last(history: list[dict], key: str):
     return next((h[key] for h in reversed(history) if key in h), None)
 
@@ -243,11 +420,29 @@ def global_batch_size(args) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+def start_output(out: Path, key: str, *, resume: bool) -> None:
+    """The main process clears/creates the stage directory and marks it started; the others wait
+    for it, so none writes into (or builds a trainer over) a directory that is being cleared."""
+    state = _process_state()
+    if state.is_main_process:
+        manifest.prepare_output(out, overwrite=True, resume=resume)
+        lineage.mark_started(out, key)
+    state.wait_for_everyone()
+
+
 def trainer_is_main() -> bool:
     """True on the main process (or when not distributed): only it writes stage files."""
+    return _process_state().is_main_process
+
+
+def _process_state():
+    """accelerate's process state, set up as the trainers will set it up. On a machine without a
+    GPU it must be asked for CPU processes: a plain PartialState() there sees no GPU, falls back to
+    one process, and every launched process would call itself the main one."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def finished(out: Path) -> None:

@@ -68,16 +68,16 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
-    if common.trainer_is_main():
-        manifest.prepare_output(out, overwrite=True, resume=resume)
-        lineage.mark_started(out, key)
+    common.start_output(out, key, resume=resume)
     # adapter_disabled: TRL applies the new adapter itself and disables it for the reference.
     # Otherwise a LoRA policy arrives wrapped and TRL keeps a frozen copy of its adapter ("ref").
     disabled = dc.reference == "adapter_disabled"
+    estimate = common.check_memory(cfg, "dpo", source)
+    common.seed(cfg)
     model = models.load_causal_lm(cfg, source, dc.method, dc.lora, tok, wrap=not disabled)
     peft_config = models.lora_config(model, dc.lora, train_embeddings=bool(tok.added_tokens)) if disabled else None
     ref_model, reference = reference_model(model, dc.method, dc.reference, continues_adapter)
-    kwargs = common.trainer_kwargs(cfg, "dpo", out, has_eval=eval_ds is not None)
+    kwargs = common.trainer_kwargs(cfg, "dpo", out, has_eval=eval_ds is not None, estimate=estimate)
     kwargs["precompute_ref_log_probs"] = dc.reference == "precomputed"
     args = DPOConfig(**kwargs)
     trainer = DPOTrainer(
@@ -103,7 +103,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 5. train
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     stop.raise_if_stopped(trainer)
-    after = _evaluate(trainer)
+    after = _evaluate(trainer, after_training=True)
 
     # 6. save, re-open, check, manifest
     if not common.save(trainer, out, cfg, tok, dc.method):
@@ -123,6 +123,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "speed": common.speed_line(args, model),
+        "memory_estimate_mb": common.estimate_mb(estimate),
         "global_batch_size": common.global_batch_size(args),
         "train_sequences": 2 * state.global_step * common.global_batch_size(args),  # chosen + rejected
     }
@@ -152,7 +154,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         f"reward margin ({where})": after.get("rewards/margins"),
         "log-prob chosen (before → after)": _before_after(step0, after, "logps/chosen"),
         "log-prob rejected (before → after)": _before_after(step0, after, "logps/rejected"),
+        "speed settings": metrics["speed"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
+        "peak memory": common.memory_line(metrics),
         "output": str(out),
     })
     common.finished(out)
@@ -211,11 +215,15 @@ class DPOGuard(TrainerCallback):
             )
 
 
-def _evaluate(trainer) -> dict:
+def _evaluate(trainer, *, after_training: bool = False) -> dict:
     """Loss, rewards and log-probs on the held-out pairs. TRL returns only the loss from
-    evaluate() and logs the rest, so read them from the log record evaluate() just wrote."""
-    loss = trainer.evaluate()["eval_loss"]
-    logged = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    evaluate() and logs the rest, so read them from the log record evaluate() just wrote (or, after
+    training, from the one the trainer wrote at its last step)."""
+    logged = common.final_eval(trainer) if after_training else None
+    if logged is None:
+        trainer.evaluate() if after_training else common.evaluate_before_training(trainer)
+        logged = trainer.state.log_history[-1]
+    loss = logged["eval_loss"]
     keep = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected")
     return {"loss": round(loss, 6), **{k: round(logged[f"eval_{k}"], 6) for k in keep if f"eval_{k}" in logged}}

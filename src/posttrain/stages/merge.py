@@ -3,7 +3,8 @@
 Reads top to bottom:
  1. the adapter: --base, else this config's last training stage before merge; it must be a
     finished stage holding a LoRA adapter;
- 2. the base it sits on, loaded in full precision — never into quantized weights (safeguard #2).
+ 2. the base it sits on, loaded in full precision — never into quantized weights (safeguard #2;
+    a base saved quantized is refused before anything loads).
     For a QLoRA adapter, `merge.nf4_round_trip` first passes the base's linear weights through
     nf4 quantize→dequantize, so the merge sees the weights the adapter was trained against;
  3. logits of base+adapter on probe prompts, merge, logits again: they must agree within the
@@ -42,6 +43,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     if under is None:
         raise PosttrainError(f"'{adapter}' is not a LoRA adapter (it holds a full model): there is nothing to merge",
                              fix="point --base at a stage trained with method lora or qlora")
+    check_unquantized(under)
     common.check_output(out, adapter, resume=False, overwrite=overwrite)
     parent = manifest.read(adapter) or {}
     round_trip = mc.nf4_round_trip and parent.get("method") == "qlora"
@@ -127,6 +129,26 @@ def default_adapter(cfg: Config) -> str:
         raise PosttrainError(f"merge starts from the {trained[-1]} stage, and '{d}' holds no finished stage",
                              fix=f"run `posttrain {trained[-1]}` first, or pass --base")
     return str(d)
+
+
+def check_unquantized(base: str) -> None:
+    """Safeguard #2: a base saved quantized (a quantization_config in its config.json) would load in
+    4/8 bits, and the adapter would be merged into rounded weights (or the merge would crash)."""
+    from transformers import PretrainedConfig
+
+    try:
+        found = PretrainedConfig.get_config_dict(base)[0].get("quantization_config")
+    except (OSError, ValueError):
+        return  # no readable config: loading the base reports it
+    if found:
+        method = found.get("quant_method", "quantized") if isinstance(found, dict) else "quantized"
+        raise PosttrainError(
+            f"the adapter's base '{base}' is saved quantized ({method}); merging into it would bake the "
+            "quantization error into the merged weights",
+            fix="merge into the unquantized original weights: point the adapter's base (adapter_base in its "
+            "posttrain.json, or base_model_name_or_path in adapter_config.json) at them; for a QLoRA adapter, "
+            "merge.nf4_round_trip: true reproduces the 4-bit weights it was trained on",
+        )
 
 
 def merge_dtype(name: str, base: str):

@@ -29,7 +29,7 @@ import signal
 import time
 from pathlib import Path
 
-from posttrain import lineage, manifest, models
+from posttrain import disk, lineage, manifest, models
 from posttrain.config import Config, PPOStageConfig, stage_output
 from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
@@ -85,6 +85,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     if pc.report_to:  # the trackers the HF trainers would use, fed the same numbers as metrics.jsonl
         accelerator.init_trackers("ppo", config={k: v for k, v in pc.model_dump().items()
                                                  if isinstance(v, (int, float, str, bool))})
+    estimate = common.check_memory(cfg, "ppo", source)
     policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
     reference, ref_kind = _reference(cfg, source, policy, pc, tok)
     reward_model = rewards.load_reward_model(rm_path)
@@ -96,6 +97,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
             m.eval()  # dropout off everywhere: rollout and update log-probs must agree (N+ detail)
     model = rollout.PolicyAndValue(policy, value)
     trainable, total = models.trainable_parameters(policy)
+    if accelerator.is_main_process:
+        held = disk.checkpoints_held(pc.save_total_limit, pc.steps // pc.save_steps, keep_best=True)
+        disk.check_free_space(out, disk.stage_bytes(model, checkpoints=held), f"the weights and {held} checkpoints")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pc.learning_rate, eps=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
@@ -123,6 +127,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "processes": accelerator.num_processes,
+        "memory_estimate_mb": common.estimate_mb(estimate),
         # one per rollout (generation and the scoring forwards) + each training pass (and its ptx batch)
         "train_sequences": pc.steps * pc.batch_size * accelerator.num_processes
         * (1 + pc.ppo_epochs * (2 if pc.ptx_coef > 0 else 1)),
@@ -153,6 +158,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         f"{metrics['update_s']:.1f} s",
         "generated tokens/s": metrics["rollout_tokens_per_s"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
+        "peak memory": common.memory_line(metrics),
         "output": str(out),
     })
     common.finished(out)
@@ -217,6 +223,7 @@ class Loop:
         self.kl = core.KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
         self.suffix = rollout.template_suffix(tok.tokenizer, tok.eot_id)
         self.start, self.history, self.norm = 0, [], None
+        self.best = (None, None)  # (checkpoint, its iteration's mean reward): kept by rotation
         self.first_ratio_checked = False
         self.rollout_s = self.update_s = self.generate_s = self.tokens = 0.0
 
@@ -312,6 +319,10 @@ class Loop:
         # updates: ppo_epochs passes over shuffled minibatches, gradient accumulation inside each
         t0 = time.time()
         update = self.update(it, batch, old_logp, old_values, advantages, returns)
+        if it == self.start:
+            from posttrain.callbacks import check_processes_agree
+
+            check_processes_agree(self.model, f"after PPO iteration {it + 1}'s update")
         self.update_s += time.time() - t0
 
         n = float(pc.batch_size)
@@ -344,27 +355,38 @@ class Loop:
         micro = pc.mini_batch_size // pc.gradient_accumulation_steps
         totals: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + it)
+        reduce = _sum_across(acc)
         for epoch in range(pc.ppo_epochs):
             order = torch.randperm(pc.batch_size, generator=gen).to(acc.device)
             for start in range(0, pc.batch_size, pc.mini_batch_size):
+                # The policy and value losses are means over the real tokens of the whole mini-batch
+                # on all processes: each micro-batch adds its share (its token sum over that count),
+                # so gradient accumulation and an uneven split of tokens between processes give
+                # the update one process would make on the whole mini-batch.
+                count = reduce(mask[order[start:start + pc.mini_batch_size]].sum()) / acc.num_processes
+                parts: dict[str, float] = {}
                 for m in range(start, start + pc.mini_batch_size, micro):
                     idx = order[m:m + micro]
                     sub, sm = batch.select(idx), mask[idx]
                     logp, _, values, ptx_loss = self.model(sub, pc.temperature, self.ptx_batch(gen, len(idx)))
-                    pg_loss, pg = core.policy_loss(logp, old_logp[idx], advantages[idx], sm, pc.cliprange)
-                    vf_loss, vf = core.value_loss(values, old_values[idx], returns[idx], sm, pc.cliprange_value)
+                    pg_loss, pg = core.policy_loss(logp, old_logp[idx], advantages[idx], sm, pc.cliprange, count)
+                    vf_loss, vf = core.value_loss(values, old_values[idx], returns[idx], sm, pc.cliprange_value, count)
                     loss = pg_loss + pc.vf_coef * vf_loss
-                    if ptx_loss is not None:
-                        loss = loss + pc.ptx_coef * ptx_loss
+                    if ptx_loss is not None:  # a mean over its own micro-batch of SFT conversations
+                        loss = loss + pc.ptx_coef * ptx_loss / pc.gradient_accumulation_steps
                         totals.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
                     if not torch.isfinite(loss):
                         raise PosttrainError(f"the PPO loss is {loss.item()} at iteration {it + 1}",
                                              fix="lower ppo.learning_rate; check the reward model's scores")
                     if it == self.start == 0 and epoch == 0 and m == 0:
                         self.check_first_ratio(pg)
-                    acc.backward(loss / pc.gradient_accumulation_steps)
-                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, **pg, **vf}.items():
+                    acc.backward(loss)
+                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss}.items():
+                        parts[k] = parts.get(k, 0.0) + float(v.detach())
+                    for k, v in {**pg, **vf}.items():
                         totals.setdefault(k, []).append(float(v.detach()))
+                for k, v in parts.items():  # the mini-batch's loss: the sum of its micro-batches' shares
+                    totals.setdefault(k, []).append(v)
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), pc.max_grad_norm)
                 totals.setdefault("grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
@@ -380,7 +402,10 @@ class Loop:
 
         from posttrain.rl import rollout
 
-        picks = torch.randint(len(self.ptx), (n,), generator=gen).tolist()
+        # drawn for the micro-batch of every process, this process taking its share: the processes
+        # train on different conversations, together the ones one process would draw
+        world, rank = self.acc.num_processes, self.acc.process_index
+        picks = torch.randint(len(self.ptx), (n * world,), generator=gen)[rank * n:(rank + 1) * n].tolist()
         ids, attn, labels = rollout.right_pad_sft([self.ptx[i] for i in picks], self.tok.tokenizer.pad_token_id)
         return ids.to(self.acc.device), attn.to(self.acc.device), labels.to(self.acc.device)
 
@@ -469,12 +494,13 @@ class Loop:
             torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            self.best = _best(self.best, str(d), self.history[-1]["reward"])
             state = {"global_step": it, "kl_coef": self.kl.value, "reward_normalization": self.norm,
                      "rollout_s": self.rollout_s, "update_s": self.update_s, "generate_s": self.generate_s,
-                     "tokens": self.tokens, "log_history": self.history}
+                     "tokens": self.tokens, "log_history": self.history,
+                     "best_model_checkpoint": self.best[0], "best_metric": self.best[1]}
             (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            kept = sorted((p for p in d.parent.glob("checkpoint-*")), key=lambda p: int(p.name.rsplit("-", 1)[1]))
-            for old in kept[: -self.pc.save_total_limit]:
+            for old in _rotated(common.sorted_checkpoints(self.out), self.pc.save_total_limit, self.best[0]):
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
@@ -490,6 +516,7 @@ class Loop:
             _set_rng_state(torch.load(rng, weights_only=False))
         self.start, self.kl.value = state["global_step"], state["kl_coef"]
         self.norm = tuple(state["reward_normalization"]) if state["reward_normalization"] else None
+        self.best = (state.get("best_model_checkpoint"), state.get("best_metric"))
         self.rollout_s, self.update_s = state["rollout_s"], state["update_s"]
         self.generate_s, self.tokens = state.get("generate_s", 0.0), state.get("tokens", 0.0)
         self.history = state["log_history"]
@@ -497,6 +524,19 @@ class Loop:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 _truncate_after(self.out / name, self.start)
         console.print(f"ppo: resuming from {d} (iteration {self.start})")
+
+
+def _best(best: tuple, checkpoint: str, reward: float) -> tuple:
+    """The checkpoint whose iteration had the highest mean reward (score minus the KL penalty)."""
+    return (checkpoint, reward) if best[1] is None or reward > best[1] else best
+
+
+def _rotated(checkpoints: list[Path], limit: int, best: str | None) -> list[Path]:
+    """Which checkpoints rotation deletes: the oldest, keeping `limit`, the newest and the best
+    (as transformers' Trainer does)."""
+    protected = {checkpoints[-1].name, Path(best).name if best else None} - {None} if checkpoints else set()
+    extra = len(checkpoints) - max(limit, len(protected))
+    return [p for p in checkpoints if p.name not in protected][: max(0, extra)]
 
 
 LOGGED = ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",

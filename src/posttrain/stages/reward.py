@@ -59,18 +59,16 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     held = held.map(_prompt_tokens, fn_kwargs={"tokenizer": tok.tokenizer})
 
     # 3. model and trainer
-    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
-    if common.trainer_is_main():
-        manifest.prepare_output(out, overwrite=True, resume=resume)
-        lineage.mark_started(out, key)
-    set_seed(cfg.seed)  # the new score head is random: make it the same every run
+    common.start_output(out, key, resume=resume)
+    estimate = common.check_memory(cfg, "reward", source)
+    common.seed(cfg)
     model = models.load_sequence_classifier(cfg, source, rc.method, rc.lora, tok)
     trainable, total = models.trainable_parameters(model)
-    args = RewardConfig(**common.trainer_kwargs(cfg, "reward", out, has_eval=eval_ds is not None))
+    args = RewardConfig(**common.trainer_kwargs(cfg, "reward", out, has_eval=eval_ds is not None, estimate=estimate))
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -126,6 +124,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
         "train_sequences": 2 * trainer.state.global_step * common.global_batch_size(args),  # chosen + rejected
+        "speed": common.speed_line(args, model),
+        "memory_estimate_mb": common.estimate_mb(estimate),
     }
     common.write_manifest(
         out, "reward", cfg, tok, parent=source, key=key, started=started,
@@ -147,7 +147,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "mean margin (chosen - rejected)": quality["margin"],
         "score vs response length (Pearson r)": quality["length_correlation"],
         "reload in a fresh process": f"same scores (max |Δ| {reload['max_abs_diff']:.2e})",
+        "speed settings": metrics["speed"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
+        "peak memory": common.memory_line(metrics),
         "output": str(out),
     })
     common.finished(out)

@@ -41,35 +41,41 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. model and trainer config
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
+    from posttrain.callbacks import MetricsJsonl, PackingCheck, StopOnSignal, TrainingGuard, tensorboard_into
 
-    if common.trainer_is_main():
-        manifest.prepare_output(out, overwrite=True, resume=resume)
-        lineage.mark_started(out, key)
+    common.start_output(out, key, resume=resume)
+    estimate = common.check_memory(cfg, "sft", source)
+    common.seed(cfg)
     model = models.load_causal_lm(cfg, source, sc.method, sc.lora, tok)
     trainable, total = models.trainable_parameters(model)
-    kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=eval_ds is not None)
+    kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=eval_ds is not None, estimate=estimate)
     kwargs["assistant_only_loss"] = sc.assistant_only_loss
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     args = SFTConfig(**kwargs)
+    packed = args.packing or args.padding_free
+    if packed:
+        _warn_dense_packing(args, model)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tok.tokenizer,
-        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl"), stop := StopOnSignal()],
+        # safeguard #27 (PackingCheck): packed conversations must not see each other
+        callbacks=[TrainingGuard(model), MetricsJsonl(out / "metrics.jsonl"), stop := StopOnSignal(),
+                   *([PackingCheck()] if packed else [])],
     )
     tensorboard_into(trainer, out)
     _check_labels(trainer.train_dataset)
+    per_row = len(train_ds) / max(1, len(trainer.train_dataset))  # conversations per trained row (packing)
 
     # 4. train (held-out loss before and after, so the summary shows what SFT did)
-    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None and not resume else None
+    eval_before = common.evaluate_before_training(trainer)["eval_loss"] if eval_ds is not None and not resume else None
     result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     stop.raise_if_stopped(trainer)
-    eval_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    eval_after = (common.final_eval(trainer) or trainer.evaluate())["eval_loss"] if eval_ds is not None else None
 
     # 5. save, re-open, check, then the manifest (main process only)
     if not common.save(trainer, out, cfg, tok, sc.method):
@@ -89,7 +95,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "global_batch_size": common.global_batch_size(args),
-        "train_sequences": state.global_step * common.global_batch_size(args),
+        "train_sequences": round(state.global_step * common.global_batch_size(args) * per_row),
+        "speed": common.speed_line(args, model),
+        "memory_estimate_mb": common.estimate_mb(estimate),
     }
     common.write_manifest(
         out, stage, cfg, tok, parent=source, key=key, started=started,
@@ -112,11 +120,24 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "held-out loss (before → after)": loss_line if loss_line is not None else "no eval data",
         "tokens/s": metrics["tokens_per_second"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
-        "peak memory": f"{metrics['peak_memory_mb']:.0f} MB",
+        "speed settings": metrics["speed"],
+        "peak memory": common.memory_line(metrics),
         "output": str(out),
     })
     common.finished(out)
     return out
+
+
+def _warn_dense_packing(args, model) -> None:
+    """Packed rows without a varlen kernel: transformers masks the whole flattened batch densely."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in models.VARLEN_ATTENTION and common.trainer_is_main():
+        tokens = args.per_device_train_batch_size * (args.max_length or 0)
+        from posttrain.console import console
+
+        console.print(f"[yellow]warning[/] packing with {impl} attention: each step builds one dense mask over the "
+                      f"{tokens:,} tokens of the flattened batch ({tokens:,}² entries), more attention work than "
+                      "padding wastes; use model.attn_implementation: flash_attention_2, or packing: false")
 
 
 def _check_labels(train_dataset) -> None:
