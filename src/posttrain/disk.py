@@ -3,9 +3,9 @@ step, and the one-line error when a write fails for lack of space anyway.
 
 The estimate counts what the stage keeps on disk at its fullest: the saved output (all weights, or
 only the trainable ones for an adapter), plus the checkpoints held at once, each the saved weights
-and two fp32 optimizer states per trainable parameter (Adam's moments). Rotation writes a new
-checkpoint before deleting an old one, so that is save_total_limit + 1, plus the best one kept
-aside. Each directory also gets 20 MB for the tokenizer, trainer and RNG states and logs, and the
+and two optimizer states per trainable parameter (Adam's moments, in the parameter's dtype: torch's
+AdamW allocates them with zeros_like). Rotation writes a new checkpoint before deleting an old
+one, so that is save_total_limit + 1, plus the best one kept aside. Each directory also gets 20 MB for the tokenizer, trainer and RNG states and logs, and the
 whole a 10% margin.
 """
 
@@ -27,7 +27,7 @@ def stage_bytes(model, *, checkpoints: int) -> int:
     params = list(model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     saved = trainable if hasattr(model, "peft_config") else sum(p.numel() * p.element_size() for p in params)
-    optimizer = 2 * 4 * sum(p.numel() for p in params if p.requires_grad)
+    optimizer = 2 * trainable
     return int(MARGIN * (saved + checkpoints * (saved + optimizer) + (1 + checkpoints) * PER_DIRECTORY))
 
 
