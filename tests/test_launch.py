@@ -121,10 +121,13 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(case, t
         assert r.returncode == 0, r.stderr[-4000:]
         runs[processes] = root
     one, two = (runs[n] / stage for n in (1, 2))
+    m1, m2 = (manifest.read(d)["metrics"] for d in (one, two))
     if stage == "ppo":
-        assert manifest.read(two)["metrics"]["processes"] == 2
+        assert m2["processes"] == 2 and m2["distribution"] == "2 processes, DDP over gloo"
+        assert m1["distribution"] == "1 process"
     else:
-        assert manifest.read(one)["metrics"]["global_batch_size"] == manifest.read(two)["metrics"]["global_batch_size"]
+        assert m1["global_batch_size"] == m2["global_batch_size"]
+        assert m2["speed"].endswith("2 processes, DDP over gloo") and m1["speed"].endswith("1 process")
     assert "launching 2 processes" in r.stdout + r.stderr
     a, b = _losses(one, stage), _losses(two, stage)
     assert a and a.keys() == b.keys(), (a, b)
@@ -256,6 +259,52 @@ def test_the_relaunched_command_drops_the_launch_options(monkeypatch):
     assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--mixed_precision") + 1] == "no"
     assert cmd[cmd.index("-m", 3):] == ["-m", "posttrain", "--debug", "sft", "c.yaml", "-o", "out", "--set", "a=1"]
     assert env["CUDA_VISIBLE_DEVICES"] == ""  # no GPU here: gloo processes on the CPU
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2", "zero3"])
+def test_sharding_on_cpus_is_refused_before_launching(strategy, monkeypatch):
+    """accelerate 1.15 shards only over GPUs: asked for FSDP on CPUs it runs plain DDP."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(PosttrainError, match="needs CUDA GPUs") as e:
+        launch.command({"num_processes": 2, "strategy": strategy, "config_file": Path("x.yaml")}, ["sft", "c.yaml"])
+    assert "--distributed ddp" in e.value.fix
+
+
+def test_fsdp_launched_by_hand_on_cpus_stops_instead_of_running_ddp(tiny_dir, demo_data, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml -m posttrain sft` with no GPU:
+    accelerate quietly sets up DDP over gloo instead (each process holding the whole model); both
+    processes stop with one line before training, and nothing finished is left."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_raw(tiny_dir, demo_data, tmp_path, sft={"training": _training(4)})))
+    out = tmp_path / "sft"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                        "--mixed_precision", "no", "--main_process_port", "0", "-m", "posttrain", "sft", str(cfg),
+                        "-o", str(out)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("asked for FSDP, but accelerate set up 2 processes, DDP over gloo" in e
+                                    for e in errors), r.stderr[-3000:]
+    assert not manifest.is_finished(out) and not (out / "model.safetensors").exists()
+
+
+def test_posttrains_ppo_refuses_sharded_processes(monkeypatch):
+    """PPO generates from and saves whole weights: under FSDP or ZeRO it stops with one line."""
+    from types import SimpleNamespace
+
+    import accelerate.state
+    from accelerate.state import DistributedType
+
+    from posttrain.stages import common
+
+    for kind, plugin in ((DistributedType.FSDP, "fsdp_plugin"), (DistributedType.DEEPSPEED, "deepspeed_plugin")):
+        fake = SimpleNamespace(distributed_type=kind, num_processes=4, fsdp_plugin=SimpleNamespace(fsdp_version=2),
+                               deepspeed_plugin=SimpleNamespace(zero_stage=3))
+        monkeypatch.setattr(accelerate.state, "AcceleratorState", type("S", (), {"_shared_state": {"x": 1},
+                                                                              "__new__": lambda cls: fake}))
+        assert common.distribution() == f"4 processes, {'FSDP2' if plugin == 'fsdp_plugin' else 'DeepSpeed ZeRO-3'}"
+        with pytest.raises(PosttrainError, match="PPO runs on several processes with DDP only"):
+            common.distribution(sharded=False)
 
 
 @pytest.mark.parametrize("strategy", launch.STRATEGIES)

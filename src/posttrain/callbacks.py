@@ -41,6 +41,9 @@ class TrainingGuard(TrainerCallback):
                 "the model has no trainable parameters",
                 fix="check the method (full/lora/qlora) and lora.target_modules",
             )
+        from posttrain.stages.common import distribution
+
+        distribution()  # the processes are set up as the launch asked (FSDP on CPUs is not)
         if state.is_world_process_zero:
             _check_disk(self.model, args, state)
         if state.global_step > 0:  # resumed: the run that wrote the checkpoint did this check

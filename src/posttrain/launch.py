@@ -136,9 +136,12 @@ def command(p: dict, argv: list[str]) -> tuple[list[str], dict]:
                 "--main_process_port", "0"]
     env = dict(os.environ)
     if not cuda:
-        if p["strategy"] not in ("ddp", "fsdp", "custom"):
-            raise PosttrainError(f"--distributed {p['strategy']} (DeepSpeed) needs CUDA GPUs; none is visible",
-                                 fix="use --distributed ddp (gloo on CPUs) or run on a GPU machine")
+        if p["strategy"] not in ("ddp", "custom"):
+            # accelerate 1.15 shards (FSDP, DeepSpeed) only over GPUs; asked on CPUs, FSDP silently
+            # becomes plain DDP (every process holding the whole model), so it is refused here
+            raise PosttrainError(f"--distributed {p['strategy']} ({'FSDP' if p['strategy'] == 'fsdp' else 'DeepSpeed'}) "
+                                 "needs CUDA GPUs; none is visible, and accelerate would run plain DDP instead",
+                                 fix="use --distributed ddp (gloo on CPUs: the same losses) or run on a GPU machine")
         # MULTI_GPU with no GPU visible: torchrun starts N CPU processes that talk over gloo.
         env["CUDA_VISIBLE_DEVICES"] = ""
         cmd += ["--multi_gpu"] if p["strategy"] == "ddp" else []

@@ -78,6 +78,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=pc.report_to or None,
                               project_dir=str(out / "runs"))
     set_seed(cfg.seed + accelerator.process_index)
+    processes = common.distribution(sharded=False)
     if accelerator.is_main_process:
         manifest.prepare_output(out, overwrite=True, resume=resume)
         lineage.mark_started(out, key)
@@ -127,6 +128,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "processes": accelerator.num_processes,
+        "distribution": processes,
         "memory_estimate_mb": common.estimate_mb(estimate),
         # one per rollout (generation and the scoring forwards) + each training pass (and its ptx batch)
         "train_sequences": pc.steps * pc.batch_size * accelerator.num_processes
@@ -157,6 +159,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "rollout (generation) / update time": f"{metrics['rollout_s']:.1f} s ({metrics['generate_s']:.1f} s) / "
         f"{metrics['update_s']:.1f} s",
         "generated tokens/s": metrics["rollout_tokens_per_s"],
+        "processes": metrics["distribution"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
         "peak memory": common.memory_line(metrics),
         "output": str(out),
