@@ -332,6 +332,17 @@ def window_callback(warmup: int, steps: int, cuda: bool):
     return Window()
 
 
+def instrument(trainer, spec: dict, cuda: bool, args, res: dict):
+    """Count the trainer's batches and time its window; record the training arguments in `res`."""
+    counter = Counter(trainer.data_collator)
+    trainer.data_collator = counter
+    window = window_callback(spec["warmup"], spec["steps"], cuda)
+    trainer.add_callback(window)
+    res["args"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
+                   for k, v in args.to_dict().items()}
+    return counter, window
+
+
 def summarize(res: dict, batches: list[dict], window, spec: dict, accum: int, flops_coef: float, attn_mult: float,
               cuda: bool) -> None:
     """Window totals -> tokens/s, supervised tokens/s, FLOP/s (per non-pad token: flops_coef +
@@ -547,12 +558,7 @@ def run_sft(spec: dict, res: dict, cuda: bool) -> None:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=build_tokenizer(64),
                          peft_config=peft_config)
     res["setup_s"] = time.perf_counter() - t
-    counter = Counter(trainer.data_collator)
-    trainer.data_collator = counter
-    window = window_callback(spec["warmup"], spec["steps"], cuda)
-    trainer.add_callback(window)
-    res["args"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
-                   for k, v in args.to_dict().items()}
+    counter, window = instrument(trainer, spec, cuda, args, res)
     res["attn"] = trainer.model.config._attn_implementation if hasattr(trainer.model, "config") else spec["attn"]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     res["trainable"] = trainable
@@ -587,12 +593,7 @@ def run_dpo(spec: dict, res: dict, cuda: bool) -> None:
     res["setup_s"] = time.perf_counter() - t
     if precompute:
         res["notes"].append(f"reference log-probs precomputed in {res['setup_s']:.1f} s (setup, not timed)")
-    counter = Counter(trainer.data_collator)
-    trainer.data_collator = counter
-    window = window_callback(spec["warmup"], spec["steps"], cuda)
-    trainer.add_callback(window)
-    res["args"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v))
-                   for k, v in args.to_dict().items()}
+    counter, window = instrument(trainer, spec, cuda, args, res)
     res["attn"] = spec["attn"]
     trainer.train()
     m = model_numbers(spec["model"])
