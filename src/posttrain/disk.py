@@ -5,8 +5,8 @@ The estimate counts what the stage keeps on disk at its fullest: the saved outpu
 only the trainable ones for an adapter), plus the checkpoints held at once, each the saved weights
 and two optimizer states per trainable parameter (Adam's moments, in the parameter's dtype: torch's
 AdamW allocates them with zeros_like). Rotation writes a new checkpoint before deleting an old
-one, so that is save_total_limit + 1, plus the best one kept aside. Each directory also gets 20 MB for the tokenizer, trainer and RNG states and logs, and the
-whole a 10% margin.
+one, so that is save_total_limit + 1, plus the best one kept aside. Each directory also gets
+20 MB for the tokenizer, trainer and RNG states and logs, and the whole a 10% margin.
 """
 
 from __future__ import annotations

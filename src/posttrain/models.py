@@ -248,8 +248,8 @@ def _load_kwargs(cfg: Config, method: str) -> dict:
     kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
     if not cfg.model.allow_pickle_weights:
         kwargs["use_safetensors"] = True
-    if attention(cfg):
-        kwargs["attn_implementation"] = attention(cfg)
+    if impl := attention(cfg):
+        kwargs["attn_implementation"] = impl
     if method == "qlora":
         kwargs["quantization_config"] = bnb_config(dtype)
         if torch.cuda.is_available() and not _sharded():
@@ -453,7 +453,7 @@ def check_packing(model) -> None:
     g = torch.Generator().manual_seed(0)
     vocab = weight.shape[0]
     first, second = torch.randint(0, vocab, (1, 7), generator=g), torch.randint(0, vocab, (1, 5), generator=g)
-    device = model.get_input_embeddings().weight.device
+    device = weight.device
     positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
     was_training = model.training
     model.eval()
@@ -468,7 +468,7 @@ def check_packing(model) -> None:
         model.train(was_training)
     diff = (alone - packed).abs().max().item()
     scale = alone.abs().max().item()
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = weight.dtype
     tolerance = (1e-4 if dtype == torch.float32 else 3e-2) * max(1.0, scale)
     if not diff <= tolerance:
         impl = getattr(model.config, "_attn_implementation", None) or "this model's"

@@ -79,10 +79,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
                               project_dir=str(out / "runs"))
     set_seed(cfg.seed + accelerator.process_index)
     processes = common.distribution(sharded=False)
-    if accelerator.is_main_process:
-        manifest.prepare_output(out, overwrite=True, resume=resume)
-        lineage.mark_started(out, key)
-    accelerator.wait_for_everyone()
+    common.start_output(out, key, resume=resume)
     if pc.report_to:  # the trackers the HF trainers would use, fed the same numbers as metrics.jsonl
         accelerator.init_trackers("ppo", config={k: v for k, v in pc.model_dump().items()
                                                  if isinstance(v, (int, float, str, bool))})
