@@ -130,4 +130,5 @@ def test_packed_sft_trains_and_checks_segmentation_first(make_config, monkeypatc
     with pytest.raises(PosttrainError, match="packing"):
         sft.run(cfg)
     broken = out.parent / "broken" / "sft"
-    assert not manifest.is_finished(broken) and not read_losses(broken)
+    assert not manifest.is_finished(broken)
+    assert not (broken / "metrics.jsonl").exists() or not read_losses(broken), "no training step may run"

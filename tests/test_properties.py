@@ -31,7 +31,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from posttrain.config import Config, DataConfig, load_config
+from posttrain.config import DataConfig, load_config, validate_dict
 from posttrain.data import ROLES, format_dataset, to_canonical
 from posttrain.errors import PosttrainError
 from tests.test_config import BASE, _config_like
@@ -413,7 +413,7 @@ def test_json_starting_with_null_is_a_clean_error(write, tmp_path, data, ext):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}; stderr tail: {proc.stderr[-600:]}"
     out = proc.stdout.strip().splitlines()
-    assert out and out[-1].startswith(("clean: ", "formatted")), proc.stdout
+    assert out and out[-1].startswith("clean: ") and "first row is null" in out[-1], proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +490,12 @@ _sources = st.sampled_from(["sft", "preference"]).flatmap(
 @example(sources=("sft", [{"rows": [{"prompt": "q", "completion": "a", "question": "q2"}],
                            "columns": {"question": "prompt"}}], []),
          eval_fraction=0.0, max_bad_fraction=0.01, system_prompt=None)
+# columns: and roles: that work (random maps are mostly errors), and a bad row within the limit
+@example(sources=("sft", [{"rows": [{"question": "q", "answer": "a"}] * 3 + [{"question": "q", "answer": " "}],
+                           "columns": {"question": "prompt", "answer": "completion"}},
+                          {"rows": [{"messages": [{"role": "human", "content": "q"}, {"role": "bot", "content": "a"}]}],
+                           "roles": {"human": "user", "bot": "assistant"}}], []),
+         eval_fraction=0.34, max_bad_fraction=0.5, system_prompt=None)
 # columns: renames two columns to one name
 @example(sources=("sft", [{"rows": [{"instruction": "q", "output": "a"}],
                            "columns": {"instruction": "prompt", "output": "prompt"}}], []),
@@ -510,8 +516,8 @@ def test_format_dataset_config_knobs_give_canonical_rows_or_clean_error(write, s
     assert_formatted(f, dc)
     if evals:
         assert f.eval is not None
-    elif eval_fraction > 0 and f.eval is not None:  # split off train
-        assert len(f.eval) >= 1
+    elif eval_fraction > 0:  # split off train (or a clean error, above)
+        assert f.eval is not None and len(f.eval) >= 1 and len(f.train) >= 1
     else:
         assert f.eval is None
     if all("limit" in s for s in train + evals):
@@ -687,13 +693,7 @@ _override = st.one_of(
 @example(data=b"model: {name_or_path: m}\n", overrides=["seed=!!float abc"])
 @example(data=b"model: {name_or_path: m}\n", overrides=["template.system_prompt=2020-13-45"])
 def test_load_config_arbitrary_yaml_gives_config_or_clean_error(write, data, overrides):
-    p = write(data, ".yaml")
-    try:
-        cfg = load_config(p, overrides)
-    except PosttrainError as e:
-        assert_clean(e)
-    else:
-        assert isinstance(cfg, Config)
+    _config_or_clean_error(write(data, ".yaml"), overrides)
 
 
 # Deep nesting and anchors that refer to themselves: YAML that PyYAML reads (or nearly does), but
@@ -730,9 +730,17 @@ def test_load_config_deep_or_cyclic_yaml_gives_config_or_clean_error(write, wher
         if "\n" in value:  # block nesting only fits in a file: the same depth as a flow list
             value = _nest("flow_list", value.count("\n"))
         p, overrides = write(BASE.encode(), ".yaml"), [f"{key}={value}"]
+    _config_or_clean_error(p, overrides)
+
+
+def _config_or_clean_error(path, overrides) -> None:
+    """load_config gives a clean one-line error, or a config that validation takes back unchanged."""
     try:
-        cfg = load_config(p, overrides)
+        cfg = load_config(path, overrides)
     except PosttrainError as e:
         assert_clean(e)
+        event("clean error")
     else:
-        assert isinstance(cfg, Config)
+        event("loaded")
+        dumped = cfg.model_dump()
+        assert validate_dict(dumped).model_dump() == dumped

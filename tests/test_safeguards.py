@@ -433,7 +433,8 @@ def test_reward_gate_without_a_recorded_accuracy(tmp_path, small_rm):
     from posttrain.rl import rewards
 
     gate = PPOStageConfig()
-    assert rewards.check_gate(str(small_rm), PPOStageConfig(min_reward_accuracy=0.0), "ppo") is not None
+    recorded = manifest.read(small_rm)["metrics"]["accuracy"]
+    assert rewards.check_gate(str(small_rm), PPOStageConfig(min_reward_accuracy=0.0), "ppo") == recorded
     rm = tmp_path / "rm"
     shutil.copytree(small_rm, rm)
     m = manifest.read(rm)
@@ -478,12 +479,12 @@ def test_lora_sft_with_gradient_checkpointing_trains(make_config):
     cfg = make_config(sft__method="lora", sft__lora=LORA,
                       sft__training=_short(3, learning_rate=2e-2, gradient_checkpointing=True))
     out = sft.run(cfg)
-    assert manifest.read(out)["config"]["sft"]["training"]["gradient_checkpointing"] is True
+    assert "activation checkpointing on" in manifest.read(out)["metrics"]["speed"]  # what the trainer ran with
     adapter = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.any() for v in lora_b)
-    assert all(math.isfinite(json.loads(line).get("loss", 0.0))
-               for line in (out / "metrics.jsonl").read_text().splitlines())
+    losses = read_losses(out)
+    assert losses and all(math.isfinite(v) for v in losses.values())
 
 
 def test_merge_reload_check_and_end_of_turn_warning(make_config, tiny_dir, capsys):
