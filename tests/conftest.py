@@ -38,6 +38,38 @@ def demo_data(tmp_path_factory):
     return d
 
 
+def _fetch_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fetch_models.py"
+    spec = importlib.util.spec_from_file_location("fetch_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """The real pretrained models (scripts/fetch_models.py, which `make test` runs first): a
+    function from "smollm2" | "gemma3" to (GGUF file, converted Hugging Face directory).
+    A missing model is fetched here (the same code), so a test never skips for lack of it."""
+    fetch = _fetch_script()
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            from posttrain import gguf
+
+            path = fetch.fetch(name, convert=False)
+            cache[name] = (path, gguf.convert(path))
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One thread for a module, there and in the subprocesses its stages start (the reward stage's

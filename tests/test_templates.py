@@ -423,3 +423,113 @@ def test_pad_equal_to_eos_gets_a_distinct_pad(tiny_model_dir, tmp_path):
     # the only special token that is neither bos/eos nor used by ChatML
     assert fixed.pad_token == "<|pad|>"
     assert fixed.pad_token_id not in {fixed.eos_token_id, info.eot_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# False positives found on real tokenizers (issue 15), on toy analogues; the real-tokenizer
+# regressions are in test_family_templates.py
+
+
+def test_bos_written_as_a_turn_token_is_not_a_duplicate(tok):
+    # SmolLM2's bos_token is <|im_start|>, which ChatML writes at the start of every turn
+    t = copy.deepcopy(tok)
+    t.bos_token = "<|im_start|>"
+    t.chat_template = CHATML
+    eot = t.convert_tokens_to_ids("<|im_end|>")
+    r = render(t, MULTI)
+    assert r.input_ids.count(t.bos_token_id) == 4
+    assert templates.bos_in_turns(t) is True
+    assert check_rendered(r, t, eot, where="w") is None
+    # negative control, one token over: {{ bos_token }} + ChatML starts with <|im_start|> twice
+    t.chat_template = "{{ bos_token }}" + CHATML
+    r = render(t, MULTI)
+    assert r.input_ids[:2] == [t.bos_token_id, t.bos_token_id]
+    with pytest.raises(PosttrainError, match="BOS"):
+        check_rendered(r, t, eot, where="w")
+
+
+LLAMA2_LIKE = (  # Llama 2 writes {{ bos_token }} before every user turn
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- bos_token + '<|im_start|>' + message['content'] + '<|im_end|>' -}}"
+    "{%- else -%}{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def test_bos_the_template_writes_before_every_turn_is_not_a_duplicate(tok):
+    t = copy.deepcopy(tok)
+    t.bos_token = "<|pad|>"  # a BOS distinct from eos, as in most tokenizers
+    t.chat_template = LLAMA2_LIKE
+    eot = t.convert_tokens_to_ids("<|im_end|>")
+    r = render(t, MULTI)
+    assert r.input_ids.count(t.bos_token_id) == 2
+    assert check_rendered(r, t, eot, where="w") is None
+    # where the template writes BOS only at the start, one inside the conversation is caught
+    t.chat_template = "{{ bos_token }}" + CHATML
+    assert check_rendered(render(t, MULTI), t, eot, where="w") is None
+    bad = [MULTI[0], {"role": "assistant", "content": "39 + 45 = <|pad|>84"}]
+    with pytest.raises(PosttrainError) as info:
+        check_rendered(render(t, bad), t, eot, where="data.sft row 2")
+    assert "assistant message" in info.value.line() and "'<|pad|>'" in info.value.line()
+
+
+def test_end_of_turn_token_that_is_only_an_added_special_token(tok):
+    # Gemma's <end_of_turn> is special in added_tokens_decoder but not one of all_special_ids
+    from transformers import AddedToken
+
+    t = copy.deepcopy(tok)
+    t.add_tokens([AddedToken("<|turn_end|>", special=True)])
+    template = CHATML.replace("<|im_end|>", "<|turn_end|>")
+    t.chat_template = template
+    eot = t.convert_tokens_to_ids("<|turn_end|>")
+    assert eot not in t.all_special_ids
+    assert templates.end_of_turn_id(t, template) == eot
+    assert check_rendered(render(t, MULTI), t, eot, where="w") is None
+
+
+def test_trained_newline_after_the_end_of_turn_token_is_fine(tok):
+    # TRL's Gemma training templates put '<end_of_turn>\n' in the markers: the model still learns to stop
+    template = CHATML.replace("message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}",
+                              "message['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}")
+    assert template != CHATML
+    t = with_template(tok, template)
+    eot = t.convert_tokens_to_ids("<|im_end|>")
+    r = render(t, MULTI)
+    assert [tok.decode(run) for run in trained_runs(r)] == ["39 + 45 = 84<|im_end|>\n", "10 + 20 = 30<|im_end|>\n"]
+    assert templates.end_of_turn_id(t, template) == eot
+    assert check_rendered(r, t, eot, where="w") is None
+    # ... but a trained newline with no end-of-turn token before it is still caught
+    t = with_template(tok, EOT_OUTSIDE.replace("message['content'] -}}", "message['content'] + '\\n' -}}"))
+    with pytest.raises(PosttrainError, match="end-of-turn"):
+        check_rendered(render(t, CONV), t, eot, where="w")
+
+
+def test_check_rows_names_the_row_a_template_refuses(tok):
+    t = with_template(tok, "{%- if messages|length > 2 -%}{{ raise_exception('too long') }}{%- endif -%}" + CHATML)
+    rows = [{"messages": CONV[1:]}, {"messages": CONV}]
+    with pytest.raises(PosttrainError) as info:
+        templates.check_rows(rows, "sft", t, t.convert_tokens_to_ids("<|im_end|>"), "sft")
+    assert info.value.line().startswith("data.sft row 1: the chat template cannot render this conversation: too long")
+
+
+def test_inserted_system_prompt_gets_a_system_span(tok):
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    t = with_template(tok, templates.with_default_system(CHATML, system))
+    r = render(t, MULTI)
+    assert [s[0] for s in r.spans] == ["system", "user", "assistant", "user", "assistant"]
+    assert tok.decode(r.input_ids[r.spans[0][1]:r.spans[0][2]]) == f"<|im_start|>system\n{system}<|im_end|>\n"
+    assert tok.decode(r.input_ids[r.spans[1][1]:r.spans[1][2]]) == "<|im_start|>user\nWhat is 39 + 45?<|im_end|>\n"
+    # a conversation with its own system message is rendered as it is
+    assert render(t, CONV).text == render(tok, CONV).text
+
+
+def test_resolve_tokenizer_without_template_names_the_fitting_builtin():
+    with pytest.raises(PosttrainError) as info:
+        templates.resolve("tokenizer", None, {"<|im_start|>": 1, "<|im_end|>": 2})
+    assert "template.name: chatml" in info.value.line()
+    with pytest.raises(PosttrainError) as info:
+        templates.resolve("tokenizer", None, lambda: {"<start_of_turn>": 105, "<end_of_turn>": 106})
+    assert "template.name: gemma" in info.value.line()
+    with pytest.raises(PosttrainError) as info:
+        templates.resolve("tokenizer", None, {"a": 0})
+    assert "add_special_tokens: true" in info.value.line()

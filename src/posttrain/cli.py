@@ -274,6 +274,26 @@ def preview(config: Annotated[Path, typer.Argument(help="YAML config.")],
     show(cfg, stage, n)
 
 
+@app.command()
+@user_errors
+def convert(file: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama).")],
+            output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the model directory "
+                                                        "(default: the conversion cache, reused by every stage).")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Convert again even if up to date.")] = False) -> None:
+    """Convert a GGUF file to a Hugging Face model directory (dequantised safetensors, tokenizer,
+    chat template, generation config). Stages do this by themselves when model.name_or_path is a
+    .gguf file; the conversion is reused while the file's SHA-256 is unchanged."""
+    if not str(file).lower().endswith(".gguf"):
+        raise PosttrainError(f"'{file}' is not a .gguf file", fix="pass the path of a GGUF file")
+    _quiet_libraries()
+    from posttrain import gguf
+
+    out = gguf.convert(file, output, force=force)
+    info = gguf.origin(out) or {}
+    typer.echo(f"{out} ({info.get('architecture')}, {info.get('parameters', 0) / 1e6:.1f} M parameters, "
+               f"{info.get('note')}; sha256 {info.get('sha256', '')[:16]})")
+
+
 @app.command("init-tiny")
 @user_errors
 def init_tiny(directory: Annotated[Path, typer.Argument(help="Where to write the tiny model and tokenizer.")],

@@ -3,7 +3,8 @@
 One YAML describes either one stage or the whole chain. Top-level sections:
 
     model:     the base model (Hub name or local path) and how to load it
-    template:  the chat template (chatml, the tokenizer's own, or a .jinja file)
+    template:  the chat template (built in: chatml, gemma, llama3, mistral, phi3; the tokenizer's
+               own; or a .jinja file)
     data:      named datasets (`sft`, `preference`, ...) with their sources and column mappings
     stages:    the chain, in order (used by `posttrain run`)
     output_dir: the output root; each stage writes <output_dir>/<stage> unless --output is given
@@ -81,8 +82,12 @@ class ModelConfig(Strict):
 class TemplateConfig(Strict):
     name: str = Field(
         "chatml",
-        description="'chatml' (built in, with generation markers), 'tokenizer' (the tokenizer's own "
-        "template) or a path to a .jinja file.",
+        description="A built-in family template, each with generation markers around the assistant's content "
+        "and its end-of-turn token and the same text as the family's published template: 'chatml', 'gemma' "
+        "(Gemma 3), 'llama3' (Llama 3), 'mistral' (mistral-common v3 / Mistral-7B-Instruct-v0.3), 'phi3' "
+        "(Phi-3); or 'tokenizer' (the tokenizer's own template; one without generation markers that "
+        "renders like a built-in is replaced by that built-in) or a path to a .jinja file. A built-in needs "
+        "only its family's tokens, so it also works on a base model that has no template.",
     )
     add_special_tokens: bool = Field(
         False,
@@ -445,6 +450,38 @@ class Config(Strict):
             return self.ppo.reward_model is None
         return any(r.model is None and r.function is None for r in getattr(self, stage).rewards)
 
+    def starts_from(self, stage: str) -> str | None:
+        """The policy stage whose output `stage` starts from in this chain: the last of MODEL_STAGES
+        before it in stages (None: model.name_or_path). As `common.default_base` and `chain.plan`."""
+        before = [s for s in self.stages[: self.stages.index(stage)] if s in MODEL_STAGES] if stage in self.stages \
+            else []
+        return before[-1] if before else None
+
+    def _check_methods_across_stages(self) -> None:
+        """Method combinations of adjacent stages that cannot work, refused before anything trains.
+
+        A stage started from a LoRA/QLoRA output (an adapter) merges that adapter (method full) or
+        continues it (lora/qlora; qlora on the 4-bit base): control, reward, ppo, rloo, grpo and dpo
+        all do, so every method works after every method, except:
+          - dpo.reference adapter_disabled on an adapter: DPO continues the adapter, and disabling it
+            would make the model under it (the pre-SFT base) the reference;
+          - merge needs an adapter: the stage it merges must be lora/qlora.
+        """
+        start = self.starts_from("dpo")
+        if self.dpo.reference == "adapter_disabled" and start and getattr(self, start).method != "full":
+            raise ValueError(
+                f"dpo.reference 'adapter_disabled' with dpo after {start} (method {getattr(self, start).method}): "
+                f"dpo continues the {start} adapter, and disabling it would make the model under it the reference "
+                f"(set dpo.reference: copy, or {start}.method: full)")
+        if "merge" in self.stages:
+            start = self.starts_from("merge")
+            if start is None:
+                raise ValueError("stages has merge, but no training stage before it writes an adapter to merge "
+                                 "(add sft/ppo/rloo/grpo/dpo with method lora or qlora before merge, or drop merge)")
+            if getattr(self, start).method == "full":
+                raise ValueError(f"stages has merge after {start}, whose method is full: there is no adapter "
+                                 f"to merge (drop merge from stages, or set {start}.method: lora)")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         unknown = [n for n in self.format.datasets or [] if n not in self.data]
@@ -483,13 +520,7 @@ class Config(Strict):
         if self.eval.pairs is not None and (self.eval.pairs not in self.data
                                             or self.data[self.eval.pairs].kind != "preference"):
             raise ValueError(f"eval.pairs '{self.eval.pairs}' must name a dataset of kind preference under data:")
-        if "merge" in self.stages:
-            before = [s for s in self.stages[: self.stages.index("merge")] if s in MODEL_STAGES]
-            if not before:
-                raise ValueError("stages has merge, but no training stage before it writes an adapter to merge")
-            if getattr(self, before[-1]).method == "full":
-                raise ValueError(f"stages has merge after {before[-1]}, whose method is full: there is no adapter "
-                                 f"to merge (drop merge from stages, or set {before[-1]}.method: lora)")
+        self._check_methods_across_stages()
         return self
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from posttrain import manifest
+from posttrain import gguf, manifest
 from posttrain.config import Config, to_dict
 
 STARTED = "posttrain.started.json"
@@ -132,10 +132,32 @@ def parent_record(source: str | None) -> dict | None:
     if source is None:
         return None
     p = Path(source)
+    if gguf.is_gguf(source) and p.is_file():  # keyed on the file's content, not its name
+        return {"path": source, "hash": gguf.sha256(p)[:16], "stage": None}
     if not p.is_dir():
         return {"path": source, "hash": None, "stage": None}
     m = manifest.read(p) or {}
     return {"path": str(p), "hash": manifest.directory_hash(p), "stage": m.get("stage")}
+
+
+def origin(source: str | None) -> dict | None:
+    """Where the weights a stage starts from came from, when that is a GGUF file: its SHA-256,
+    quantisation and the note that the weights are a dequantised image. Passed down the chain
+    from the file itself, its converted directory, or the parent stage's manifest."""
+    if source is None:
+        return None
+    p = Path(source)
+    if gguf.is_gguf(source) and p.is_file():
+        found = gguf.origin(gguf.converted_dir(p)) or gguf.describe(p)
+    elif p.is_dir():
+        found = gguf.origin(p) or (manifest.read(p) or {}).get("origin")
+    else:
+        return None
+    if not found:
+        return None
+    keep = ("file", "sha256", "architecture", "name", "quantization", "parameters")
+    return {**{k: found[k] for k in keep if k in found},
+            "note": found.get("note") or gguf.NOTE.format(quantization=found.get("quantization"))}
 
 
 def stage_key(cfg: Config, stage: str, parent: str | None) -> str:

@@ -86,7 +86,7 @@ def directory_hash(directory: str | Path) -> str:
     """Hash of a model directory's small identifying files (configs, not weights)."""
     h = hashlib.sha256()
     d = Path(directory)
-    for name in ("config.json", "adapter_config.json", "tokenizer_config.json", MANIFEST):
+    for name in ("config.json", "adapter_config.json", "tokenizer_config.json", MANIFEST, "posttrain-gguf.json"):
         p = d / name
         if p.is_file():
             h.update(name.encode())

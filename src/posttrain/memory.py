@@ -26,9 +26,10 @@ What is counted, per model in memory (bytes):
   This is architecture-aware where Korthikanti et al. (2022)'s 34·hidden assumes a GPT MLP.
 - logits: TRL 1.16's fused LM head (trl.kernels.chunked_logprob) never holds [tokens, vocab]: one
   4096 × 32768 tile, the saved final hidden states, their fp32 gradient, and the fp32 gradient of
-  the head when it is trained. posttrain's PPO computes full logits: [batch, seq, vocab] in the
-  activation dtype plus fp32 log-softmax copies over the response, in the update or, larger, the
-  no-grad rollout over the whole batch. Reward and value models have a 1-output head: no logits.
+  the head when it is trained. posttrain's PPO never holds them either (rl/logprobs.py): one chunk
+  of CHUNK_TOKENS positions × vocab at a time, in the activation dtype and fp32 copies, twice under
+  gradients, plus the hidden states it is computed from. Reward and value models have a 1-output
+  head: no logits.
 Not counted: frozen models' no-grad forwards (freed layer by layer), generation's KV cache (smaller
 than the training activations of the same sequences), allocator fragmentation and CUDA workspaces;
 sequences are taken at their longest (max_length).
@@ -314,12 +315,15 @@ def _logits(s: Settings, arch: Arch, n: int, a: int) -> int:
     if s.stage == "reward":
         return 0
     if s.stage == "ppo":
+        # rl/logprobs: the LM head runs on CHUNK_TOKENS response (or PPO-ptx) positions at a time,
+        # checkpointed under gradients, so one chunk's logits exist at once: in the activation dtype,
+        # the temperature-scaled fp32 copy, log-softmax, exp and the entropy product, and in backward
+        # their gradients; plus the body's hidden states at the response positions (+ ptx positions).
+        from posttrain.rl.logprobs import CHUNK_TOKENS
+
         m, r = s.batch, s.completion
-        # the logits, then over the response: the temperature-scaled fp32 copy, two log-softmaxes and
-        # exp (log-probs and entropy); PPO-ptx's cross-entropy upcasts its logits. No grad: two copies.
-        update = m * s.seq * v * a + m * r * v * 16 + m * s.ptx * v * (a + 8)
-        rollout = s.rollout * (s.seq * v * a + r * v * 8)
-        return max(update, rollout)
+        chunk = min(CHUNK_TOKENS or m * r, max(m * r, 1))
+        return chunk * v * (a + 16) * 2 + (m * r + m * s.ptx) * h * (a + 4)
     tokens = n * s.seq
     return min(tokens * v, FUSED_TILE) * a + tokens * h * (a + 4) + (v * h * 4 if s.method == "full" else 0)
 
@@ -408,8 +412,10 @@ def _reward_arch(cfg: Config, path: str, policy: Arch) -> tuple[Arch, bool]:
 def _auto_config(cfg: Config, source: str):
     from transformers import AutoConfig
 
+    from posttrain import gguf
+
     try:
-        return AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+        return AutoConfig.from_pretrained(gguf.resolve(source), revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise PosttrainError(f"can't read the model config of '{source}' for the memory estimate: "

@@ -88,15 +88,20 @@ def masked_sums(values, mask) -> list[float]:
     return (values * mask).sum(-1).tolist()
 
 
-def kl_per_sequence(logits_p, logits_q, mask) -> list[float]:
-    """Σ over masked positions of KL(p(·|context) || q(·|context)), the full-distribution KL at each
-    position, per sequence. logits [B, T, V] (temperature 1), mask [B, T]. Exact along the given
-    token path, so it is defined for greedy responses too (a sampled k1 estimate would not be)."""
+def kl_per_position(logits_p, logits_q):
+    """KL(p(·|context) || q(·|context)) over the whole vocabulary at each position: logits [..., V]
+    (temperature 1) → [...]. The eval stage applies it a chunk of positions at a time (rl/logprobs.py)."""
     import torch
 
     logp = logits_p.float().log_softmax(-1)
     logq = logits_q.float().log_softmax(-1)
     p = logp.exp()
     # 0 · log 0 = 0: a token p rules out (-inf logit) adds nothing, instead of NaN
-    per_position = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-    return (per_position * mask).sum(-1).tolist()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def kl_per_sequence(logits_p, logits_q, mask) -> list[float]:
+    """Σ over masked positions of KL(p(·|context) || q(·|context)), the full-distribution KL at each
+    position, per sequence. logits [B, T, V] (temperature 1), mask [B, T]. Exact along the given
+    token path, so it is defined for greedy responses too (a sampled k1 estimate would not be)."""
+    return masked_sums(kl_per_position(logits_p, logits_q), mask)

@@ -7,6 +7,7 @@ Heavy imports stay inside the functions so that `posttrain --help` and `validate
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,21 @@ class TokenizerInfo:
     template_hash: str
 
 
-def _check_source(source: str, what: str) -> None:
-    """Fail early on a local path that does not exist (instead of a Hub 404 deep in transformers)."""
+def local(source: str) -> str:
+    """What from_pretrained loads for `source`: a `.gguf` file's converted directory (converted on
+    first use, posttrain.gguf), anything else as it is."""
+    from posttrain import gguf
+
+    return gguf.resolve(source)
+
+
+def _check_source(source: str, what: str) -> str:
+    """Fail early on a local path that does not exist (instead of a Hub 404 deep in transformers).
+    Returns what to load (`local(source)`)."""
+    from posttrain import gguf
+
+    if gguf.is_gguf(source):
+        return local(source)
     p = Path(source)
     looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1
     if looks_local and not p.expanduser().exists():
@@ -37,8 +51,9 @@ def _check_source(source: str, what: str) -> None:
             and not (p / "adapter_config.json").exists():
         raise PosttrainError(
             f"{what} directory '{source}' holds no model (no config.json)",
-            fix="point to a model directory or a finished stage directory",
+            fix="point to a model directory, a finished stage directory or a .gguf file",
         )
+    return source
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -81,7 +96,7 @@ def load_tokenizer(cfg: Config, source: str | None = None, *, need_masks: bool =
     from transformers import AutoTokenizer
 
     source = source or cfg.model.tokenizer or cfg.model.name_or_path
-    _check_source(source, "tokenizer")
+    source = _check_source(source, "tokenizer")
     warn_remote_code(cfg, source)
     try:
         tok = AutoTokenizer.from_pretrained(
@@ -90,7 +105,7 @@ def load_tokenizer(cfg: Config, source: str | None = None, *, need_masks: bool =
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
 
-    template = templates.resolve(cfg.template.name, tok.chat_template)
+    template = templates.resolve(cfg.template.name, tok.chat_template, tok.get_vocab)
     added = _ensure_tokens(tok, templates.required_tokens(template), cfg.template.add_special_tokens)
     if need_masks and not templates.has_generation_markers(template):
         template = _training_template(tok, template)
@@ -104,10 +119,13 @@ def _ensure_tokens(tok, required: list[str], may_add: bool) -> list[str]:
     vocab = tok.get_vocab()
     missing = [t for t in required if t not in vocab]
     if missing and not may_add:
+        fits = templates.suggest(vocab)
+        own = (f"template.name: {fits}, the built-in made of this tokenizer's tokens" if fits
+               else "template.name: tokenizer" if tok.chat_template else None)
         raise PosttrainError(
             f"the tokenizer has no token for {', '.join(missing)}, which the chat template needs",
-            fix="set template.add_special_tokens: true (grows the vocabulary; embeddings get trained) "
-            "or use a template made of the tokenizer's own tokens (template.name: tokenizer)",
+            fix="set template.add_special_tokens: true (grows the vocabulary; embeddings get trained)"
+            + (f" or use {own}" if own else ""),
         )
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
@@ -116,18 +134,26 @@ def _ensure_tokens(tok, required: list[str], may_add: bool) -> list[str]:
 
 
 def _training_template(tok, template: str) -> str:
-    """A template without {% generation %} markers can't give assistant-only masks: try TRL's patch."""
+    """A template without {% generation %} markers can't give assistant-only masks. When it renders
+    exactly like a built-in (SmolLM2's ChatML, which adds a default system prompt), use that built-in
+    (with the default system prompt); otherwise try TRL's patch for the templates it knows."""
     from trl.chat_template_utils import get_training_chat_template
 
+    same = templates.builtin_equivalent(tok, template)
+    if same is not None:
+        log.info("chat template: the tokenizer's renders like the built-in %s; using it with generation markers",
+                 same[0])
+        return same[1]
     tok.chat_template = template
     try:
         patched = get_training_chat_template(tok)
     except ValueError:
         patched = None
     if not patched:
+        fits = templates.suggest(tok.get_vocab())
         raise PosttrainError(
             "the chat template has no {% generation %} markers, so assistant-only loss cannot be masked",
-            fix="use template.name: chatml, add the markers to your .jinja file, or set "
+            fix=f"use template.name: {fits or 'chatml'}, add the markers to your .jinja file, or set "
             "sft.assistant_only_loss: false",
         )
     return patched
@@ -178,7 +204,8 @@ def torch_dtype(name: str):
 
 
 def adapter_base(source: str) -> str | None:
-    """For a LoRA adapter directory, the model it was trained on top of; None for anything else.
+    """For a LoRA adapter directory, the model it was trained on top of (a `.gguf` base as its
+    converted directory); None for anything else.
 
     A posttrain stage records it in its manifest (`adapter_base`); other adapters name it in
     adapter_config.json.
@@ -192,12 +219,12 @@ def adapter_base(source: str) -> str | None:
         return None
     recorded = (manifest.read(p) or {}).get("adapter_base")
     if recorded:
-        return recorded
+        return local(recorded)
     base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise PosttrainError(f"adapter '{source}' does not name its base model",
                              fix="set base_model_name_or_path in its adapter_config.json")
-    return base
+    return local(base)
 
 
 def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
@@ -213,11 +240,11 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     """
     from transformers import AutoModelForCausalLM
 
-    _check_source(source, "model")
+    source = _check_source(source, "model")
     under = adapter_base(source)
     adapter, source = (source, under) if under else (None, source)
     if adapter:
-        _check_source(source, f"base model of adapter '{adapter}'")
+        source = _check_source(source, f"base model of adapter '{adapter}'")
     check_weights(cfg, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method))
@@ -292,40 +319,74 @@ def attention(cfg: Config) -> str | None:
 def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
     """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
     head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
-    adapter, safeguard #21) or QLoRA. An SFT LoRA adapter as `source` is merged in memory first."""
+    adapter, safeguard #21) or QLoRA.
+
+    `source` may be a LoRA adapter directory (an SFT stage trained with LoRA/QLoRA). Then the model
+    is its base with that adapter applied, as `load_causal_lm` does for a policy: merged in memory
+    for full training; loaded trainable and continued (plus the new head) for lora/qlora, so that
+    the adapter saved sits on the same base as the SFT adapter, the one the manifest's adapter_base
+    and adapter_config.json name, and reloads to the scores it trained to. (A new adapter on top of
+    the SFT adapter merged in memory would be saved without the SFT part: reloaded on that base it
+    scores differently.) The reward stage's `lora:` settings apply only to a new adapter."""
     from transformers import AutoModelForSequenceClassification
 
-    _check_source(source, "model")
-    if adapter_base(source) is not None:
-        if method == "qlora":
-            raise PosttrainError(f"a QLoRA reward model can't start from '{source}', a LoRA adapter",
-                                 fix="merge the adapter first (posttrain merge) and start from the merged model")
-        causal = load_causal_lm(cfg, source, "full", lora, tok)  # the adapter merged into its base
-        config = causal.config
-        config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(cfg.model.dtype))
-        body = getattr(model, model.base_model_prefix)
-        body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
-        del causal
-    else:
-        check_weights(cfg, source)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
-                                                                       **_load_kwargs(cfg, method))
-        except (OSError, ValueError) as e:
-            raise _hub_error(source, e) from None
+    source = _check_source(source, "model")
+    under = adapter_base(source)
+    adapter, source = (source, under) if under else (None, source)
+    if adapter:
+        source = _check_source(source, f"base model of adapter '{adapter}'")
+    check_weights(cfg, source)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **_load_kwargs(cfg, method))
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from None
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]
     if grew:
         model.resize_token_embeddings(len(tok.tokenizer))
     model.config.pad_token_id = tok.tokenizer.pad_token_id  # the score is read at the last non-pad token
-    if method == "full":
-        return model
     if method == "qlora":
         disable_bnb_cpu_repack(model)
         model = prepare_kbit(model)
+    if adapter:
+        return _classifier_with_adapter(model, adapter, method)
+    if method == "full":
+        return model
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(model, lora, train_embeddings=grew, task_type="SEQ_CLS"))
+
+
+def _classifier_with_adapter(model, adapter: str, method: str):
+    """A causal-LM LoRA adapter (SFT) applied to the sequence classifier made from its base: merged
+    (full training) or trainable, with the new `score` head added to the modules it trains and
+    saves. Every LoRA weight of the adapter must land in the model (the classifier's body has the
+    causal LM's module names); otherwise the reward model would start from the bare base, in silence."""
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(adapter) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise PosttrainError(f"'{adapter}' has no adapter_model.safetensors",
+                             fix="point to a finished LoRA stage, or merge the adapter (posttrain merge) first")
+    config = PeftConfig.from_pretrained(adapter)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    config.task_type = "SEQ_CLS"  # PEFT adds the head (score) to modules_to_save
+    config.modules_to_save = [m for m in config.modules_to_save or [] if m in names] or None  # no lm_head here
+    config.inference_mode = False
+    peft_model = get_peft_model(model, config)
+    current = get_peft_model_state_dict(peft_model)  # the new head and a fresh adapter, in the saved key format
+    saved = load_file(str(file))
+    unplaced = sorted(k for k in saved if k not in current and "lora_" in k)
+    if unplaced or not any("lora_" in k for k in saved):
+        what = f"{len(unplaced)} of its LoRA weights match no module, e.g. '{unplaced[0]}'" if unplaced \
+            else "it holds no LoRA weights"
+        raise PosttrainError(f"the LoRA adapter '{adapter}' does not fit a sequence classifier made from its base "
+                             f"({what})",
+                             fix="merge the adapter first (posttrain merge) and start the reward model from that")
+    set_peft_model_state_dict(peft_model, {**current, **{k: v for k, v in saved.items() if k in current}})
+    if method == "full":  # merge_and_unload leaves every parameter frozen: full training needs them trainable
+        return peft_model.merge_and_unload().requires_grad_(True)
+    return peft_model
 
 
 def prepare_kbit(model):
@@ -353,6 +414,39 @@ def sync_special_ids(model, tok: TokenizerInfo) -> None:
     gc.pad_token_id = t.pad_token_id
     eos = [tok.eot_id] + [i for i in [t.eos_token_id] if i is not None and i != tok.eot_id]
     gc.eos_token_id = eos if len(eos) > 1 else eos[0]
+
+
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def bare_generation_config(generation_config):
+    """A GenerationConfig with only the token ids of `generation_config`: no sampling setting."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{k: getattr(generation_config, k, None) for k in GENERATION_IDS})
+
+
+@contextmanager
+def own_sampling(model):
+    """Within this block, generate() samples only with the settings posttrain passes it.
+
+    transformers fills every generation setting a call does not give from
+    `model.generation_config`, even when the call passes a whole GenerationConfig (5.23:
+    GenerationMixin._prepare_generation_config). A checkpoint's generation_config.json (copied into
+    every stage output) may set repetition_penalty, min_p, top_k, no_repeat_ngram_size, ...: they
+    would change the distribution PPO samples from without changing the one it computes, and
+    make eval's decodings depend on the checkpoint. Here the model's generation config holds only
+    its token ids; it is put back afterwards (the saved output keeps the parent's defaults)."""
+    inner = model
+    while hasattr(inner, "get_base_model"):  # PEFT wrappers generate with the model inside
+        inner = inner.get_base_model()
+    inner = getattr(inner, "module", inner)  # DDP
+    saved = inner.generation_config
+    inner.generation_config = bare_generation_config(saved)
+    try:
+        yield inner.generation_config
+    finally:
+        inner.generation_config = saved
 
 
 def bnb_config(dtype):

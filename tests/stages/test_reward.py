@@ -358,7 +358,7 @@ def test_scores_need_a_pad_token_id(rm_full, tmp_path):
 
 
 def test_qlora_reward_model_trains_saves_head_reloads_and_scores_qlora_ppo(tiny_dir, demo_data, tmp_path):
-    """4-bit QLoRA reward model from the tiny base (an adapter base is refused for QLoRA): the head is
+    """4-bit QLoRA reward model from the tiny base (on an SFT adapter: tests/stages/test_combinations.py): the head is
     in the adapter, the fresh-process reload gave the same scores, and it ranks better than chance."""
     section = _reward_section(2e-2, steps=20, method="qlora", lora=LORA)
     out, _ = _run_reward(tiny_dir, demo_data, tmp_path, tiny_dir, section)

@@ -42,12 +42,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _identit
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(token) for each position, with the logits divided by the sampling temperature (the
-    same division in the rollout and every later pass, or the first ratio is not 1)."""
+    same division in the rollout and every later pass, or the first ratio is not 1).
+    The definition on whole logits; the pipeline computes it a chunk at a time (rl/logprobs.py)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-Σ π log π at each position (the same temperature); chunked in the pipeline (rl/logprobs.py)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

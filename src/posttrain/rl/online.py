@@ -127,7 +127,10 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     reference = describe_reference(section.method, args.beta, continues_adapter, stage)
 
     # 5. train, save, re-open, check, manifest
-    result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    # TRL's GenerationConfig leaves min_p, no_repeat_ngram_size, ... unset, and generate() would
+    # fill them from the starting checkpoint's generation_config.json (models.own_sampling)
+    with models.own_sampling(trainer.model):
+        result = trainer.train(resume_from_checkpoint=str(last_checkpoint) if last_checkpoint else None)
     stop.raise_if_stopped(trainer)
     if not common.save(trainer, out, cfg, tok, section.method):
         return out

@@ -128,14 +128,16 @@ def load_reward_model(path: str, dtype=None, *, method: str | None = None, model
 
         check_head_saved(path)
         recorded = manifest.read(path) or {}
-        if (method or recorded.get("method")) == "qlora" and not full_precision:
+        quantized = (method or recorded.get("method")) == "qlora" and not full_precision
+        if quantized:
             compute = models.torch_dtype(model_dtype or recorded.get("config", {}).get("model", {}).get("dtype", "auto"))
             kwargs.update(dtype=compute, quantization_config=models.bnb_config(compute))
-            model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        _as_trained(model, path)
+        if quantized:
             models.disable_bnb_cpu_repack(model)
             model = PeftModel.from_pretrained(model, path)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
@@ -144,6 +146,22 @@ def load_reward_model(path: str, dtype=None, *, method: str | None = None, model
                              "would be read at the wrong position")
     model.eval().requires_grad_(False)
     return model
+
+
+def _as_trained(model, path: str) -> None:
+    """The base under a reward adapter, set up as the reward stage trained on it: the pad id the
+    score is read by (the stage's tokenizer, saved with the adapter: the base's config.json may
+    name another pad, e.g. the eos token posttrain refuses to pad with) and the vocabulary (rows
+    for tokens the stage added). Adapters saved without a tokenizer keep the base's settings."""
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    if tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
 
 
 def check_head_saved(path: str | Path) -> None:

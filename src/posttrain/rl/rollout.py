@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from posttrain.rl import core
+from posttrain import models
+from posttrain.rl import logprobs
 
 
 @dataclass
@@ -54,10 +55,11 @@ def sample(policy, queries: torch.Tensor, query_mask: torch.Tensor, *, eot_id: i
     """Responses to left-padded queries, cut at the end-of-turn token; greedy when temperature is 0."""
     decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    out = policy.generate(
-        input_ids=queries, attention_mask=query_mask, **decoding,
-        max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
-    )
+    with models.own_sampling(policy):  # none of the checkpoint's generation_config.json sampling settings
+        out = policy.generate(
+            input_ids=queries, attention_mask=query_mask, **decoding,
+            max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
+        )
     generated = out[:, queries.shape[1]:]
     if generated.shape[1] == 0:
         generated = torch.full((queries.shape[0], 1), pad_id, dtype=torch.long, device=queries.device)
@@ -72,16 +74,17 @@ def _inputs(batch: Batch) -> dict:
     return {"input_ids": ids, "attention_mask": attn, "position_ids": positions, "use_cache": False}
 
 
-def response_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits that predict each response token (the position before it)."""
-    logits = model(**_inputs(batch)).logits
-    return logits[:, batch.queries.shape[1] - 1: -1]
+def response_hidden(model, batch: Batch) -> torch.Tensor:
+    """The causal LM's last hidden states at the positions that predict each response token (the
+    position before it), [B, Lr, hidden]: the logits come from these a chunk at a time (rl/logprobs.py)."""
+    hidden = logprobs.hidden_states(model, **_inputs(batch))
+    return hidden[:, batch.queries.shape[1] - 1: -1]
 
 
 def response_logprobs(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = response_logits(model, batch)
-    return core.logprobs_from_logits(logits, batch.responses, temperature), \
-        core.entropy_from_logits(logits, temperature)
+    """Log-prob and entropy of each response token, [B, Lr] each, never holding more than a chunk
+    of full-vocabulary logits (with gradients when they are enabled)."""
+    return logprobs.token_logprobs(model, response_hidden(model, batch), batch.responses, temperature, entropy=True)
 
 
 class ValueModel(nn.Module):
@@ -118,15 +121,14 @@ class PolicyAndValue(nn.Module):
     def forward(self, batch: Batch, temperature: float, ptx: tuple | None = None):
         """Response log-probs, entropy and values; with `ptx` = (input_ids, attention_mask, labels)
         also the SFT loss on those conversations (inside forward, so DDP syncs its gradients)."""
-        logits = response_logits(self.policy, batch)
-        logp = core.logprobs_from_logits(logits, batch.responses, temperature)
-        entropy = core.entropy_from_logits(logits, temperature)
+        logp, entropy = response_logprobs(self.policy, batch, temperature)
         ptx_loss = None
         if ptx is not None:
             ids, attn, labels = ptx
-            ptx_logits = self.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-            ptx_loss = nn.functional.cross_entropy(ptx_logits.float().flatten(0, 1), labels[:, 1:].flatten(),
-                                                   ignore_index=-100)
+            hidden = logprobs.hidden_states(self.policy, input_ids=ids, attention_mask=attn, use_cache=False)
+            targets = labels[:, 1:]
+            taught = targets != -100  # the cross-entropy over assistant tokens only: the LM head sees just those
+            ptx_loss = -logprobs.token_logprobs(self.policy, hidden[:, :-1][taught], targets[taught])[0].mean()
         return logp, entropy, self.value(batch), ptx_loss
 
 

@@ -312,6 +312,7 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
         **fields,
         **({"checkpoints": checkpoints_record(out)} if (out / CHECKPOINTS).is_dir() else {}),
         "parent": lineage.parent_record(parent),
+        **({"origin": found} if (found := lineage.origin(parent)) else {}),
         "inputs_key": key,
         "template_hash": tok.template_hash,
         "special_tokens": special_tokens(tok),

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import lineage, manifest, metrics, models
+from posttrain import gguf, lineage, manifest, metrics, models
 from posttrain.config import Config, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
@@ -181,6 +181,8 @@ def _check_exists(label: str, path: str) -> None:
         if unfinished or not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
             raise PosttrainError(f"eval: model '{label}' at '{path}' is not a finished stage or model directory",
                                  fix=fix)
+    elif p.is_file() and gguf.is_gguf(path):
+        return  # a GGUF file: loaded through its conversion (models.local)
     elif str(p.parent) not in ("", ".") and p.parent.is_dir():
         raise PosttrainError(f"eval: model '{label}': '{path}' does not exist", fix=fix)
 
@@ -199,7 +201,7 @@ def load_model(cfg: Config, path: str, tok: models.TokenizerInfo, device, *, pro
     under = models.adapter_base(path)
     recorded = manifest.read(path) if under is not None else None
     quantized = (recorded or {}).get("method") == "qlora" and torch.cuda.is_available()
-    source = under or path
+    source = models.local(under or path)
     if under is not None and models.adapter_base(under) is not None:  # adapter on adapter
         if quantized:
             raise PosttrainError(f"'{path}' is a QLoRA adapter on another adapter ('{under}')",
@@ -413,9 +415,19 @@ def kl_to_reference(model, ref, gens: list[dict], tok: models.TokenizerInfo, bat
         batch = rollout.Batch(q.to(device), qm.to(device), r.to(device), m.to(device),
                               torch.tensor([g["ended"] for g in chunk], device=device))
         with torch.no_grad():
-            out += metrics.kl_per_sequence(rollout.response_logits(model, batch),
-                                           rollout.response_logits(ref, batch), batch.mask)
+            per_token = _response_kl(model, ref, batch)
+        out += metrics.masked_sums(per_token, batch.mask)
     return out
+
+
+def _response_kl(model, ref, batch):
+    """KL(model || ref) at each response position, [B, Lr], from the two models' hidden states,
+    with a chunk of positions' full-vocabulary logits at a time (rl/logprobs.py)."""
+    from posttrain.rl import logprobs, rollout
+
+    p, q = logprobs.logits_function(model), logprobs.logits_function(ref)
+    hp, hq = rollout.response_hidden(model, batch), rollout.response_hidden(ref, batch)
+    return logprobs.map_chunks(lambda a, b: (metrics.kl_per_position(p(a), q(b)),), batch.mask.shape, hp, hq)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,16 +440,19 @@ def _assistant_logps(model, tok: models.TokenizerInfo, conversations: list[list[
     mask, as SFT and PPO-ptx train on it), whole conversations, no truncation."""
     import torch
 
-    from posttrain.rl import core, rollout
+    from posttrain.rl import logprobs, rollout
 
     out = []
     for i in range(0, len(conversations), batch_size):
         examples = rollout.sft_examples(tok.tokenizer, conversations[i:i + batch_size], max_length=10**9)
         ids, attn, labels = rollout.right_pad_sft(examples, tok.tokenizer.pad_token_id)
+        taught = labels[:, 1:] != -100  # only these positions reach the LM head, a chunk at a time
+        logps = torch.zeros(taught.shape)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        logps = core.logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(device)).cpu()
-        mask = (labels[:, 1:] != -100).float()
+            hidden = logprobs.hidden_states(model, input_ids=ids.to(device), attention_mask=attn.to(device))
+            logps[taught] = logprobs.token_logprobs(model, hidden[:, :-1][taught.to(device)],
+                                                    ids[:, 1:][taught].to(device))[0].cpu()
+        mask = taught.float()
         out += list(zip(metrics.masked_sums(logps, mask), mask.sum(-1).long().tolist(), strict=True))
     return out
 

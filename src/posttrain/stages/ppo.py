@@ -100,7 +100,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         disk.check_free_space(out, disk.stage_bytes(model, checkpoints=held), f"the weights and {held} checkpoints")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pc.learning_rate, eps=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if reference is not None:
+    if reference is not None and not getattr(reference, "is_loaded_in_4bit", False):  # 4-bit: placed at load
         reference.to(accelerator.device)
     loop = Loop(cfg, pc, accelerator, model, optimizer, reference, reward_model, tok, queries, out, ptx)
     if last_checkpoint:
@@ -193,6 +193,10 @@ def _reference(cfg: Config, source: str, policy, pc: PPOStageConfig, tok):
         ref.requires_grad_(False)
         return ref, "frozen copy of the starting policy"
     if models.adapter_base(source) is not None:  # the policy continues an SFT adapter
+        if pc.method == "qlora":  # merged into full-precision weights it would be another model than the policy
+            ref = models.load_causal_lm(cfg, source, "qlora", pc.lora, tok)
+            ref.requires_grad_(False)
+            return ref, "the starting (SFT) adapter on its 4-bit base, frozen"
         ref = models.load_causal_lm(cfg, source, "full", pc.lora, tok)  # that adapter merged: the SFT model
         ref.requires_grad_(False)
         return ref, "the starting (SFT) adapter merged into its base, frozen"
