@@ -49,6 +49,44 @@ Settings posttrain adds that do not change the arithmetic are left at TRL's defa
 arm and listed in the TrainingArguments diff, so their cost is part of the measured overhead
 (e.g. include_num_input_tokens_seen "non_padding" for SFT, save_total_limit 2).
 
+A real pretrained model (`stages --model PATH`): a Hugging Face directory or a `.gguf` file instead
+of the tiny model, for every stage (reward and DPO start from the model itself, not from an SFT
+run; the derived config lists stages [format, reward, dpo] so posttrain's chain check, which refuses
+dpo.reference adapter_disabled after a LoRA SFT, does not apply to stages that are not a chain).
+posttrain gets PATH as given (a .gguf file is converted on first use, posttrain.gguf.resolve, and
+every run hashes the file again: start-up cost, not step time); the plain arm loads the converted
+directory, which a helper process gets from posttrain.gguf.resolve. --template sets template.name
+(chatml for SmolLM2, gemma for Gemma 3); --method lora sets every stage's method with LoRA
+--lora-r/--lora-alpha/--lora-dropout on all-linear (default 16/32/0.0; with dropout > 0 the proof
+also needs both arms to draw the same dropout masks). What the plain arm reproduces on top of the
+above, with --model:
+  tokenizer  the chat template and pad token posttrain's models.load_tokenizer installs for the stage
+             (SFT: the template with {% generation %} markers), read by a helper process and set on
+             the plain tokenizer (a plain TRL user's two lines); a grown vocabulary is refused.
+  SFT, DPO   LoRA as peft_config with posttrain's lora_config (r, alpha, dropout, all-linear,
+             task CAUSAL_LM, no modules_to_save). posttrain applies SFT's adapter itself (seed,
+             load, get_peft_model); TRL's SFTTrainer seeds and then applies peft_config: the same
+             RNG state, so the same LoRA A. DPO: posttrain also hands TRL the peft_config
+             (reference adapter_disabled); --method full: TRL's own reference copy in the plain arm,
+             posttrain's deepcopy.
+  reward     posttrain: seed, AutoModelForSequenceClassification (random score head), get_peft_model
+             with task SEQ_CLS and modules_to_save [score] (the head trained in full and saved with
+             the adapter; models.lora_config). Plain: the same LoRA and modules_to_save [score] as
+             peft_config, the model passed by path (model_init_kwargs dtype float32), so that TRL's
+             RewardTrainer seeds, creates the head, then the adapter: posttrain's order and RNG
+             draws. (An instantiated model would get the head from one seed and the adapter from
+             TRL's second set_seed: a different LoRA A.) RewardTrainer sets config.pad_token_id.
+
+Peak memory per run (both arms, Linux): VmHWM from /proc/self/status, read at train begin, at train
+end and when the process ends, with VmHWM reset (`5 > /proc/self/clear_refs`) after each of the
+first two reads, so the phases are: setup (process start to train begin: imports, model, data,
+trainer, and posttrain's checks before training, e.g. DPO's step-0 evaluation on 256 pairs at
+per_device_eval_batch_size 32), train (the training steps), after (train end to exit: posttrain's
+evaluation, saving and checks; the reward stage's reload check runs in a child process, not
+counted). Each phase's peak includes what was resident when it began. process = max of the three =
+the run's peak RSS. The reset also lowers getrusage's ru_maxrss, so posttrain's own manifest
+peak_memory_mb is not meaningful in these runs.
+
 Everything is written under --workdir (default /tmp/posttrain-bench-trl): the tiny model (built
 once per --hidden/--layers/--heads with `posttrain init-tiny`), the demo data, the derived config,
 its format output, the SFT model reward and DPO start from (built once with `posttrain sft`), and
@@ -58,6 +96,22 @@ the runs. Prints numbers; asserts nothing. Run from the repository root, e.g.
   .venv/bin/python scripts/bench_trl.py stages --stage sft --steps 15 --repeats 1   # a smoke run
   .venv/bin/python scripts/bench_trl.py startup
   .venv/bin/python scripts/bench_trl.py format --rows 50000
+
+Real models, on an idle machine (each command: the equivalence proof, then 3 interleaved pairs;
+the per-run lines and the last table give peak RSS per arm):
+
+  # SmolLM2-135M-Instruct, LoRA r 16 on all linear layers: SFT, reward and DPO
+  OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false .venv/bin/python scripts/bench_trl.py \
+      --workdir /tmp/posttrain-bench-real stages --model runs/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --template chatml --method lora --stage all --batch 8 --max-length 64 --steps 30 --window 10 \
+      --proof-steps 20 --repeats 3
+  # Gemma-3-270M (262k vocabulary), DPO with LoRA: posttrain's peak RSS against plain TRL's
+  OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false .venv/bin/python scripts/bench_trl.py \
+      --workdir /tmp/posttrain-bench-real stages --model runs/models/gemma-3-270m-q4_k_m.gguf \
+      --template gemma --method lora --stage dpo --batch 4 --max-length 64 --steps 20 --window 5 \
+      --proof-steps 10 --repeats 3
+  # a smoke run of one stage: the same with --stage sft|reward|dpo --steps 3 --repeats 1 --proof-steps 2 --batch 2
+  # (posttrain's DPO arm also evaluates 256 training pairs before and after training: most of its wall time)
 """
 
 from __future__ import annotations
@@ -157,22 +211,60 @@ def ensure_tiny(work: Path, args, env: dict) -> Path:
     return tiny
 
 
-def bench_config(work: Path, tiny: Path, src: Path) -> tuple[Path, dict]:
+def bench_config(work: Path, tiny: Path, src: Path, args=None) -> tuple[Path, dict]:
     """The demo config with its model and data under work/, no eval data anywhere (no eval_fraction
-    either), and only the stages benchmarked, so no evaluation happens during or around training."""
+    either), and only the stages benchmarked, so no evaluation happens during training (posttrain's
+    reward and DPO stages still measure a sample of the training pairs around it, outside the steps).
+    With --model: that model (as given: a .gguf file stays a .gguf file for posttrain), --template,
+    --method with --lora-r/--lora-alpha/--lora-dropout (all-linear) for every stage, --data-dir."""
     import yaml
 
     cfg = yaml.safe_load(src.read_text())
-    cfg["model"]["name_or_path"] = str(tiny)
+    real = args is not None and getattr(args, "model", None)
+    cfg["model"]["name_or_path"] = str(Path(args.model).resolve()) if real else str(tiny)
+    data_dir = Path(args.data_dir).resolve() if real and args.data_dir else work / "data"
     for section in cfg["data"].values():
-        section["train"] = [{**s, "path": str(work / "data" / Path(s["path"]).name)} for s in section["train"]]
+        section["train"] = [{**s, "path": str(_data_file(data_dir, Path(s["path"]).name))} for s in section["train"]]
         section.pop("eval", None)
         section.pop("eval_fraction", None)
     cfg["stages"] = ["format", "sft", "reward", "dpo"]
-    cfg["output_dir"] = str(work / f"chain-{tiny.name}")
-    path = work / f"bench-{tiny.name}.yaml"
+    name = tiny.name
+    if real:
+        if args.template:
+            cfg.setdefault("template", {})["name"] = args.template
+        for stage in STAGES:
+            if args.method:
+                cfg[stage]["method"] = args.method
+            if cfg[stage].get("method", "full") != "full":
+                cfg[stage]["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                                      "target_modules": "all-linear"}
+        name = real_name(args)
+        # every stage starts from the model (--base), not a chain: no sft in stages:, so that posttrain's
+        # chain check (a DPO after a LoRA SFT continues that adapter: adapter_disabled refused) does not apply
+        cfg["stages"] = ["format", "reward", "dpo"]
+    cfg["output_dir"] = str(work / f"chain-{name}")
+    path = work / f"bench-{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, cfg
+
+
+DATA_ALIASES = {"pref_train.jsonl": ("dpo_train.jsonl",)}  # the demo's name -> realtask's (runs/smollm2-cpu/data)
+
+
+def _data_file(data_dir: Path, name: str) -> Path:
+    for candidate in (name, *DATA_ALIASES.get(name, ())):
+        if (data_dir / candidate).exists():
+            return data_dir / candidate
+    return data_dir / name
+
+
+def real_name(args) -> str:
+    """The scratch name of a --model run: model file/directory name, template, method, LoRA, data."""
+    stem = Path(args.model).name.removesuffix(".gguf")
+    lora = f"-r{args.lora_r}a{args.lora_alpha}d{args.lora_dropout:g}" if args.method == "lora" else ""
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else None
+    data = f"-data-{data_dir.parent.name}-{data_dir.name}" if data_dir else ""
+    return f"{stem}-{args.template or 'cfgtemplate'}-{args.method or 'cfgmethod'}{lora}{data}"
 
 
 def overrides(stage: str, args) -> dict:
@@ -201,12 +293,17 @@ def tail(log: Path, n: int = 15) -> str:
 
 
 def prepare(args, need_base: bool = True) -> dict | None:
-    """Model, data, config, format output and the SFT model the reward and DPO stages start from."""
+    """Model, data, config, format output and the SFT model the reward and DPO stages start from.
+    With --model, reward and DPO start from that model itself (no SFT base is built)."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     env = base_env(work, args.threads)
-    tiny = ensure_tiny(work, args, env)
-    cfg_path, cfg = bench_config(work, tiny, Path(args.config))
+    tiny = ensure_tiny(work, args, env)  # with --model: only for the demo data (the tiny model is not used)
+    real = bool(getattr(args, "model", None))
+    if real and not Path(args.model).exists():
+        print(f"--model {args.model} does not exist")
+        return None
+    cfg_path, cfg = bench_config(work, tiny, Path(args.config), args)
     fmt = Path(cfg["output_dir"]) / "format"
     if not (fmt / "posttrain.json").exists():
         cmd = [str(POSTTRAIN), "format", str(cfg_path), "-o", str(fmt), "--overwrite"]
@@ -215,6 +312,22 @@ def prepare(args, need_base: bool = True) -> dict | None:
         if rc:
             print(f"format failed (exit {rc}):\n{tail(work / 'format.log')}")
             return None
+    ctx = {"work": work, "env": env, "tiny": tiny, "cfg_path": cfg_path, "cfg": cfg, "format": fmt,
+           "real": real, "tokenizer": {}}
+    if real:
+        # posttrain gets the model as given (a .gguf file: converted on first use, posttrain.gguf.resolve);
+        # the plain arm gets the converted directory, and the chat template and pad token posttrain
+        # resolved for it (a plain TRL user sets both by hand: the built-in template's text, a pad token)
+        record = work / f"tokenizer-{real_name(args)}.json"
+        cmd = [str(PYTHON), str(THIS), "_tokenizer", str(cfg_path), str(record)]
+        rc, _ = run_logged(cmd, env, work / "tokenizer.log")
+        if rc:
+            print(f"resolving the model and tokenizer failed (exit {rc}):\n{tail(work / 'tokenizer.log')}")
+            return None
+        info = json.loads(record.read_text())
+        ctx.update(model=cfg["model"]["name_or_path"], plain_model=info["resolved"], base=cfg["model"]["name_or_path"],
+                   tokenizer=info["tokenizer"])
+        return ctx
     base = work / f"base-sft-{tiny.name}-{args.steps}"
     if need_base and not (base / "posttrain.json").exists():
         cmd = [str(POSTTRAIN), "sft", str(cfg_path), "-o", str(base), "--overwrite",
@@ -224,21 +337,68 @@ def prepare(args, need_base: bool = True) -> dict | None:
         if rc:
             print(f"sft failed (exit {rc}):\n{tail(work / 'base-sft.log')}")
             return None
-    return {"work": work, "env": env, "tiny": tiny, "cfg_path": cfg_path, "cfg": cfg, "format": fmt, "base": base}
+    ctx.update(model=str(tiny), plain_model=str(tiny), base=str(base))
+    return ctx
+
+
+def tokenizer_main(argv: list[str]) -> None:
+    """In a fresh process: `_tokenizer CONFIG RECORD`: the directory posttrain loads model.name_or_path
+    from (posttrain.gguf.resolve: a .gguf file's conversion) and, per stage, the chat template and pad
+    token posttrain's models.load_tokenizer installs (SFT with assistant-only masks, reward and DPO
+    without). The plain arm sets these on its tokenizer; a grown vocabulary is not supported."""
+    from posttrain import gguf, models
+    from posttrain.config import load_config
+
+    cfg_path, record = argv[0], argv[1]
+    cfg = load_config(cfg_path)
+    source = cfg.model.name_or_path
+    out = {"resolved": gguf.resolve(source), "tokenizer": {}}
+    for stage in STAGES:
+        need_masks = stage == "sft" and cfg.sft.assistant_only_loss
+        tok = models.load_tokenizer(cfg, source, need_masks=need_masks)
+        if tok.added_tokens:
+            sys.exit(f"posttrain adds tokens to this tokenizer ({tok.added_tokens}): not supported by the benchmark")
+        out["tokenizer"][stage] = {"chat_template": tok.tokenizer.chat_template, "pad_token": tok.tokenizer.pad_token,
+                                   "pad_token_id": tok.tokenizer.pad_token_id, "template_hash": tok.template_hash}
+    Path(record).write_text(json.dumps(out))
 
 
 # --- the instrument, the same in both arms -----------------------------------------------------
 
+def peak_rss_kb() -> int | None:
+    """VmHWM of this process (Linux): the peak resident set size since start or the last reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new VmHWM phase (`echo 5 > /proc/self/clear_refs`, Linux 4.0+). It also lowers what
+    getrusage's ru_maxrss reports from then on (posttrain's manifest peak_memory_mb on a CPU)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def instrument(trainer, record: str, n_batches: int) -> None:
     """Step-end times, the loss of every training_step, the first n_batches input batches, the
     trainable parameters' sums at train begin and the final TrainingArguments, written to
-    `record` (.json) and `record`.pt when training ends."""
+    `record` (.json) and `record`.pt when training ends. Peak RSS by phase: VmHWM at train begin
+    (process start to train begin: imports, model, data, trainer; posttrain's pre-training checks),
+    then reset, and at train end (the training steps), then reset again (the rest is read by
+    arm_main when the process ends)."""
     import time
 
     import torch
     from transformers import TrainerCallback
 
-    rec = {"trainer": type(trainer).__name__, "step_end": [], "losses": [], "logs": []}
+    rec = {"trainer": type(trainer).__name__, "step_end": [], "losses": [], "logs": [], "memory": {}}
     batches = []
     inner = trainer.training_step
 
@@ -257,6 +417,8 @@ def instrument(trainer, record: str, n_batches: int) -> None:
             rec["trainable"] = {"count": sum(p.numel() for _, p in named), "tensors": len(named),
                                 "sum": sum(p.detach().double().sum().item() for _, p in named),
                                 "abs_sum": sum(p.detach().double().abs().sum().item() for _, p in named)}
+            rec["memory"]["setup_kb"] = peak_rss_kb()
+            rec["memory"]["reset"] = reset_peak_rss()
             rec["t_begin"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -266,6 +428,9 @@ def instrument(trainer, record: str, n_batches: int) -> None:
             rec["logs"].append({"step": state.global_step, **(logs or {})})
 
         def on_train_end(self, args, state, control, **kwargs):
+            rec["memory"]["train_kb"] = peak_rss_kb()
+            if rec["memory"]["reset"]:
+                reset_peak_rss()
             rec["args"] = {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
                            for k, v in trainer.args.to_dict().items()}
             rec["threads"] = torch.get_num_threads()
@@ -282,18 +447,37 @@ def instrument(trainer, record: str, n_batches: int) -> None:
 CPU = {"bf16": False, "use_cpu": True, "dataloader_pin_memory": False}
 
 
+def tokenizer_as_posttrain(tokenizer, spec: dict):
+    """With --model: the chat template and pad token posttrain installs for this stage (the plain
+    user's two lines); the tiny model's tokenizer already has both."""
+    if spec.get("tokenizer"):
+        tokenizer.chat_template = spec["tokenizer"]["chat_template"]
+        tokenizer.pad_token = spec["tokenizer"]["pad_token"]
+    return tokenizer
+
+
+def lora_peft_config(spec: dict, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    from peft import LoraConfig
+
+    lora = spec["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], modules_to_save=modules_to_save, task_type=task_type)
+
+
 def plain_sft(spec: dict) -> None:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer = tokenizer_as_posttrain(AutoTokenizer.from_pretrained(spec["model"]), spec)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    peft_config = lora_peft_config(spec) if spec["method"] == "lora" else None
     train = datasets.load_dataset("parquet", data_files=spec["data"], split="train")
     args = SFTConfig(output_dir=spec["output"], seed=spec["seed"], data_seed=spec["seed"], **CPU,
                      report_to="none", dataloader_num_workers=0, assistant_only_loss=True, **spec["training"])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config)
     instrument(trainer, spec["record"], spec["batches"])
     trainer.train()
 
@@ -304,14 +488,22 @@ def plain_reward(spec: dict) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    set_seed(spec["seed"])  # the new score head is random
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer = tokenizer_as_posttrain(AutoTokenizer.from_pretrained(spec["model"]), spec)
     train = datasets.load_dataset("parquet", data_files=spec["data"], split="train")
     args = RewardConfig(output_dir=spec["output"], seed=spec["seed"], data_seed=spec["seed"], **CPU,
                         report_to="none", dataloader_num_workers=0, **spec["training"])
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    if spec["method"] == "lora":
+        # TRL's own path for a reward LoRA: the model by name (seed, then the score head, then the
+        # adapter: posttrain's order), the head trained in full and saved (modules_to_save, as
+        # posttrain's models.lora_config does for SEQ_CLS); RewardTrainer sets config.pad_token_id
+        args.model_init_kwargs = {"dtype": "float32"}
+        trainer = RewardTrainer(model=spec["model"], args=args, train_dataset=train, processing_class=tokenizer,
+                                peft_config=lora_peft_config(spec, "SEQ_CLS", ["score"]))
+    else:
+        set_seed(spec["seed"])  # the new score head is random
+        model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     instrument(trainer, spec["record"], spec["batches"])
     trainer.train()
 
@@ -319,20 +511,17 @@ def plain_reward(spec: dict) -> None:
 def plain_dpo(spec: dict) -> None:
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer = tokenizer_as_posttrain(AutoTokenizer.from_pretrained(spec["model"]), spec)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    lora = spec["lora"]
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                             target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    peft_config = lora_peft_config(spec) if spec["method"] == "lora" else None
     train = datasets.load_dataset("parquet", data_files=spec["data"], split="train")
     args = DPOConfig(output_dir=spec["output"], seed=spec["seed"], data_seed=spec["seed"], **CPU,
                      report_to="none", dataloader_num_workers=0, **spec["training"])
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=peft_config)  # no ref_model: the adapter disabled is the reference
+                         peft_config=peft_config)  # no ref_model: LoRA: the adapter disabled; full: TRL's copy
     instrument(trainer, spec["record"], spec["batches"])
     trainer.train()
 
@@ -346,6 +535,14 @@ def arm_main(argv: list[str]) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     kind, stage = argv[0], argv[1]
+    record = json.loads(Path(argv[2]).read_text())["record"] if kind == "plain" else argv[2]
+    try:
+        _arm(kind, stage, argv)
+    finally:  # the last phase's peak RSS (train end to exit; the whole process if training never began)
+        Path(record).with_name("memory.json").write_text(json.dumps({"end_kb": peak_rss_kb()}))
+
+
+def _arm(kind: str, stage: str, argv: list[str]) -> None:
     if kind == "plain":
         PLAIN[stage](json.loads(Path(argv[2]).read_text()))
         return
@@ -382,12 +579,14 @@ def run_arm(kind: str, stage: str, rep: int, ctx: dict, args) -> tuple[dict | No
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     record, log = run_dir / "record.json", run_dir / "log.txt"
-    model = str(ctx["tiny"] if stage == "sft" else ctx["base"])
     if kind == "plain":
+        # the tiny model: the same directories as posttrain; --model: its converted directory for every stage
+        model = ctx["plain_model"] if ctx["real"] else ctx["model"] if stage == "sft" else ctx["base"]
         training = {**cfg[stage]["training"], **overrides(stage, args)}
         spec = {"model": model, "data": str(ctx["format"] / DATASET[stage] / "train.parquet"), "seed": cfg["seed"],
                 "training": training, "output": str(run_dir / "checkpoints"), "record": str(record),
-                "batches": args.batches, "lora": lora_settings(cfg, stage)}
+                "batches": args.batches, "method": cfg[stage].get("method", "full"),
+                "lora": lora_settings(cfg, stage), "tokenizer": ctx["tokenizer"].get(stage)}
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         cmd = [str(PYTHON), str(THIS), "_arm", "plain", stage, str(run_dir / "spec.json")]
     else:
@@ -402,6 +601,10 @@ def run_arm(kind: str, stage: str, rep: int, ctx: dict, args) -> tuple[dict | No
         return None, run_dir
     rec = json.loads(record.read_text())
     rec["wall_s"], rec["log"] = wall, str(log)
+    memory = run_dir / "memory.json"
+    rec["memory"]["end_kb"] = json.loads(memory.read_text())["end_kb"] if memory.exists() else None
+    phases = [rec["memory"].get(k) for k in ("setup_kb", "train_kb", "end_kb")]
+    rec["memory"]["process_kb"] = max((v for v in phases if v is not None), default=None)
     rec["reused_format"] = "using the formatted data in" in log.read_text(errors="replace") if kind == "posttrain" \
         else None
     return rec, run_dir
@@ -480,6 +683,8 @@ def args_diff(plain: dict, post: dict) -> list[str]:
 
 def bench_stages(args) -> None:
     header(args)
+    if args.window is None:
+        args.window = 10 if args.steps >= 10 else args.steps // 2 + 1
     if args.steps < args.window:
         sys.exit(f"--steps {args.steps} is below --window {args.window}: no step to time")
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -487,9 +692,16 @@ def bench_stages(args) -> None:
     if ctx is None:
         return
     cfg = ctx["cfg"]
-    print(f"model   {ctx['tiny']} (hidden {args.hidden}, layers {args.layers}, heads {args.heads}); "
-          f"reward and DPO start from {ctx['base']}")
-    print(f"config  {ctx['cfg_path']} (configs/demo.yaml, model/data under the workdir, no eval data); "
+    if ctx["real"]:
+        methods = ", ".join(f"{st} {cfg[st].get('method', 'full')}" for st in stages)
+        lora = f"; LoRA r {args.lora_r}, alpha {args.lora_alpha}, dropout {args.lora_dropout:g}, all-linear" \
+            if any(cfg[st].get("method", "full") == "lora" for st in stages) else ""
+        print(f"model   {ctx['model']} (posttrain; plain TRL: {ctx['plain_model']}); every stage starts from it; "
+              f"template {cfg['template']['name']}; {methods}{lora}")
+    else:
+        print(f"model   {ctx['model']} (hidden {args.hidden}, layers {args.layers}, heads {args.heads}); "
+              f"reward and DPO start from {ctx['base']}")
+    print(f"config  {ctx['cfg_path']} ({_relative(args.config)}, model/data under the workdir, no eval data); "
           f"formatted rows from {ctx['format']}")
     print(f"steps   {args.steps} per run, logging_steps 1, save_steps {args.steps + 1}; timed: median of steps "
           f"{args.window}-{args.steps}; proof: first {args.batches} batches, "
@@ -500,6 +712,7 @@ def bench_stages(args) -> None:
         training = {**cfg[stage]["training"], **overrides(stage, args)}
         print(f"== {stage} ({TRAINERS[stage]}): {', '.join(f'{k} {v}' for k, v in training.items())}", flush=True)
         med, ratios, equivalent, maxdiff, repro = {"plain": [], "posttrain": []}, [], None, float("nan"), 0.0
+        mem = {"plain": [], "posttrain": []}
         first = {}
         for rep in range(args.repeats):
             recs = {}
@@ -514,10 +727,11 @@ def bench_stages(args) -> None:
                 recs[kind] = (rec, run_dir)
                 m = window_median(rec, args.window, args.steps)
                 med[kind].append(m)
+                mem[kind].append(rec["memory"])
                 reused = f"; format output reused: {'yes' if rec['reused_format'] else 'NO'}" \
                     if kind == "posttrain" else ""
                 print(f"  run {rep + 1} {kind:9}  {1000 * m:7.2f} ms/step (median of steps {args.window}-{args.steps}); "
-                      f"process wall {rec['wall_s']:.1f} s{reused}", flush=True)
+                      f"process wall {rec['wall_s']:.1f} s; {memory_line(rec['memory'])}{reused}", flush=True)
             if len(recs) < 2:
                 equivalent = False
                 break
@@ -541,19 +755,46 @@ def bench_stages(args) -> None:
             ratios.append(med["posttrain"][-1] / med["plain"][-1])
         if args.repeats > 1 and equivalent:
             print(f"  later runs reproduce the first run's losses: max |Δ| {repro:.3e}")
-        rows.append((stage, med, ratios if equivalent else [], equivalent, maxdiff))
+        rows.append((stage, med, ratios if equivalent else [], equivalent, maxdiff, mem))
         print(flush=True)
 
     print(f"load average at the end: {_load()}")
     print(f"\n| stage | plain ms/step | posttrain ms/step | ratio posttrain/plain | spread of per-repeat ratios | repeats | "
           f"equivalent (max abs loss diff, steps 1-{min(args.proof_steps, args.steps)}) |")
     print("|---|---|---|---|---|---|---|")
-    for stage, med, ratios, equivalent, maxdiff in rows:
+    for stage, med, ratios, equivalent, maxdiff, _ in rows:
         p = f"{1000 * statistics.median(med['plain']):.2f}" if med["plain"] else "-"
         q = f"{1000 * statistics.median(med['posttrain']):.2f}" if med["posttrain"] else "-"
         r = f"{statistics.median(ratios):.3f}" if ratios else "- (not reported)"
         s = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
         print(f"| {stage} | {p} | {q} | {r} | {s} | {len(ratios)} | {'yes' if equivalent else 'NO'} ({maxdiff:.1e}) |")
+    print("\nPeak RSS (VmHWM, MiB; median over the runs): process = the whole run; setup = process start to train "
+          "begin (imports, model, data, trainer, posttrain's checks before training: DPO's step-0 evaluation); "
+          "train = the training steps; after = train end to exit (posttrain: evaluation, save, checks).")
+    print("\n| stage | plain process | posttrain process | posttrain/plain | plain train | posttrain train | "
+          "plain setup | posttrain setup | plain after | posttrain after | runs | equivalent |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for stage, _, _, equivalent, _, mem in rows:
+        def mib(kind, key):
+            values = [m[key] for m in mem[kind] if m.get(key) is not None]
+            return statistics.median(values) / 1024 if values else None
+
+        cells = []
+        for key in ("process_kb", "train_kb", "setup_kb", "end_kb"):
+            a, b = mib("plain", key), mib("posttrain", key)
+            cells += [f"{a:.0f}" if a is not None else "-", f"{b:.0f}" if b is not None else "-"]
+            if key == "process_kb":
+                cells.append(f"{b / a:.3f}" if a and b else "-")
+        n = min(len(mem["plain"]), len(mem["posttrain"]))
+        print(f"| {stage} | {' | '.join(cells)} | {n} | {'yes' if equivalent else 'NO'} |")
+
+
+def memory_line(m: dict) -> str:
+    def mib(key):
+        return f"{m[key] / 1024:.0f}" if m.get(key) is not None else "-"
+    reset = "" if m.get("reset", True) else " (VmHWM could not be reset: phases are cumulative)"
+    return (f"peak RSS {mib('process_kb')} MiB (setup {mib('setup_kb')}, train {mib('train_kb')}, "
+            f"after {mib('end_kb')}){reset}")
 
 
 # --- startup ------------------------------------------------------------------------------------
@@ -758,8 +999,9 @@ What the rows mean:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("_arm", "_format", "_tokenize"):  # internal: one run, fresh process
-        {"_arm": arm_main, "_format": format_main, "_tokenize": tokenize_main}[sys.argv[1]](sys.argv[2:])
+    internal = {"_arm": arm_main, "_format": format_main, "_tokenize": tokenize_main, "_tokenizer": tokenizer_main}
+    if len(sys.argv) > 1 and sys.argv[1] in internal:  # internal: one run, fresh process
+        internal[sys.argv[1]](sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/posttrain-bench-trl", help="scratch directory")
@@ -773,11 +1015,23 @@ def main() -> None:
     s.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     s.add_argument("--repeats", type=int, default=3, help="interleaved plain/posttrain pairs")
     s.add_argument("--steps", type=int, default=60, help="max_steps of every run (and of the SFT base)")
-    s.add_argument("--window", type=int, default=10, help="first timed step (timed: window..steps)")
+    s.add_argument("--window", type=int, help="first timed step (timed: window..steps); default 10, or "
+                   "steps // 2 + 1 for runs shorter than 10 steps")
     s.add_argument("--proof-steps", type=int, default=20, help="losses compared for the proof")
     s.add_argument("--batches", type=int, default=2, help="input batches compared for the proof")
     s.add_argument("--batch", type=int, help="per_device_train_batch_size for every stage (default: the config's)")
     s.add_argument("--max-length", type=int, help="max_length for every stage (default: the config's)")
+    s.add_argument("--model", help="a Hugging Face model directory or a .gguf file instead of the tiny model "
+                   "(reward and DPO start from it too; posttrain gets it as given, plain TRL its converted directory)")
+    s.add_argument("--template", help="with --model: template.name (chatml for SmolLM2, gemma for Gemma 3); "
+                   "default: the config's")
+    s.add_argument("--method", choices=["full", "lora"], help="with --model: every stage's method (default: the "
+                   "config's: the demo's SFT and reward full, DPO LoRA)")
+    s.add_argument("--lora-r", type=int, default=16, help="with --model: LoRA rank of every LoRA stage")
+    s.add_argument("--lora-alpha", type=int, default=32)
+    s.add_argument("--lora-dropout", type=float, default=0.0)
+    s.add_argument("--data-dir", help="with --model: a directory with sft_train.jsonl, reward_train.jsonl and "
+                   "pref_train.jsonl or dpo_train.jsonl (e.g. runs/smollm2-cpu/data); default: the demo data")
     s.add_argument("--rtol", type=float, default=1e-5)
     s.add_argument("--atol", type=float, default=1e-6)
     s.set_defaults(func=bench_stages)
@@ -789,6 +1043,8 @@ def main() -> None:
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=bench_format)
     args = p.parse_args()
+    if args.cmd == "stages" and not args.model and (args.template or args.method or args.data_dir):
+        p.error("--template, --method and --data-dir go with --model")
     args.func(args)
 
 
