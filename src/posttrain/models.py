@@ -227,6 +227,18 @@ def adapter_base(source: str) -> str | None:
     return local(base)
 
 
+def _adapter_and_base(cfg: Config, source: str) -> tuple[str | None, str]:
+    """(the adapter, the model under it) for a LoRA adapter directory, else (None, the model); the
+    model checked to exist and to hold safe weights."""
+    source = _check_source(source, "model")
+    under = adapter_base(source)
+    adapter, source = (source, under) if under else (None, source)
+    if adapter:
+        source = _check_source(source, f"base model of adapter '{adapter}'")
+    check_weights(cfg, source)
+    return adapter, source
+
+
 def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
                    *, wrap: bool = True):
     """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model.
@@ -240,12 +252,7 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     """
     from transformers import AutoModelForCausalLM
 
-    source = _check_source(source, "model")
-    under = adapter_base(source)
-    adapter, source = (source, under) if under else (None, source)
-    if adapter:
-        source = _check_source(source, f"base model of adapter '{adapter}'")
-    check_weights(cfg, source)
+    adapter, source = _adapter_and_base(cfg, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method))
     except (OSError, ValueError) as e:
@@ -330,12 +337,7 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
     scores differently.) The reward stage's `lora:` settings apply only to a new adapter."""
     from transformers import AutoModelForSequenceClassification
 
-    source = _check_source(source, "model")
-    under = adapter_base(source)
-    adapter, source = (source, under) if under else (None, source)
-    if adapter:
-        source = _check_source(source, f"base model of adapter '{adapter}'")
-    check_weights(cfg, source)
+    adapter, source = _adapter_and_base(cfg, source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **_load_kwargs(cfg, method))
     except (OSError, ValueError) as e:
