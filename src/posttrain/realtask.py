@@ -187,7 +187,9 @@ def make_rows(seed: int = 0) -> dict[str, list[dict]]:
                         for it, t in draw(train, SFT_ROWS, weights)]
     # held out: every held-out item once, question template by turns; the reference is the preferred
     # answer (brief, bold label), so NLL on it falls as the chain learns the format and both preferences
-    out["sft_eval"] = [msgs(question(it, k % 3), answer(it, brief=True, bold=True)) for k, it in enumerate(held)]
+    # in a shuffled order, so that eval.max_samples below 89 still takes every family
+    mixed = random.Random(seed + 1).sample(held, len(held))
+    out["sft_eval"] = [msgs(question(it, k % 3), answer(it, brief=True, bold=True)) for k, it in enumerate(mixed)]
 
     def reward_pair(it: Item, t: int) -> dict:  # brief over explained, same boldness, both correct
         bold = rng.random() < 0.5
