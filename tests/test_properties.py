@@ -691,6 +691,8 @@ _override = st.one_of(
 @example(data=b"model: {name_or_path: m}\nseed: " + b"1" * 5000 + b"\n", overrides=[])  # > 4300 digits
 @example(data=b"model: {name_or_path: m}\nseed: !!int x\n", overrides=[])
 @example(data=b"model: {name_or_path: m}\n", overrides=["seed=!!float abc"])
+@example(data=b"model: {name_or_path: m}\n", overrides=["seed=!!timestamp nope"])  # PyYAML: AttributeError
+@example(data=b"model: {name_or_path: m}\nseed: !!timestamp nope\n", overrides=[])
 @example(data=b"model: {name_or_path: m}\n", overrides=["template.system_prompt=2020-13-45"])
 def test_load_config_arbitrary_yaml_gives_config_or_clean_error(write, data, overrides):
     _config_or_clean_error(write(data, ".yaml"), overrides)

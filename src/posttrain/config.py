@@ -582,9 +582,10 @@ _Loader.add_implicit_resolver(
 
 
 # What PyYAML's constructors raise for a scalar it resolved (or was told by a tag) to a type that
-# cannot hold it: 2020-02-30 as a date, `!!int x`, an int of more than 4300 digits; and Python's
+# cannot hold it: 2020-02-30 as a date, `!!int x`, an int of more than 4300 digits, `!!timestamp x`
+# (AttributeError: its regex does not match and PyYAML reads the match anyway); and Python's
 # recursion limit for input nested thousands deep.
-UNCONSTRUCTABLE = (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError)
+UNCONSTRUCTABLE = (ValueError, TypeError, IndexError, KeyError, OverflowError, AttributeError, RecursionError)
 
 
 def _short(e: Exception) -> str:
