@@ -270,3 +270,21 @@ def test_available_bytes_and_no_torch_at_import():
     code = "import sys, posttrain.memory; print(json.dumps('torch' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) is False
+
+
+def test_weights_mb_counts_each_tensor_once():
+    """A tied head, a model passed twice and None add nothing; a bf16 copy counts 2 bytes an element."""
+    import torch
+
+    from posttrain import models
+
+    emb = torch.nn.Embedding(1000, 64)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    head.weight = emb.weight  # tied
+    model = torch.nn.Sequential(emb, head)
+    model.register_buffer("scale", torch.ones(256))
+    one = (1000 * 64 * 4 + 256 * 4) / 2**20
+    assert models.weights_mb(model) == pytest.approx(one)
+    assert models.weights_mb(model, model, None) == pytest.approx(one)
+    other = torch.nn.Linear(64, 1000, bias=False).to(torch.bfloat16)
+    assert models.weights_mb(model, other) == pytest.approx(one + 1000 * 64 * 2 / 2**20)

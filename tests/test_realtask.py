@@ -38,3 +38,28 @@ def test_checkers_on_hand_written_responses():
     assert realtask.check(q, "I am not sure.") == {"format": 0.0, "brief": 0.0, "bold": 0.0, "correct": 0.0}
     assert realtask.check("What is the weather like?", ref) is None  # not a task question: abstains
     assert realtask.format([[{"role": "user", "content": q}]], [[{"role": "assistant", "content": ref}]]) == [1.0]
+
+
+def test_retention_judges_each_stage_against_its_parent():
+    """SFT is held to SFT_DRIFT from the base, a later stage to STAGE_DRIFT beyond its parent; the KL is
+    the mean paired difference per sequence, with its standard error. Each verdict just inside and just
+    outside its threshold."""
+    base = [3.0, 2.0, 4.0, 3.5]
+    rows = [{"label": "base", "per_sequence": base},
+            {"label": "sft", "per_sequence": [x + 0.49 for x in base]},          # 0.49 <= 0.5
+            {"label": "control", "per_sequence": [x + 0.51 for x in base]},      # from sft: +0.02
+            {"label": "ppo", "per_sequence": [x + 0.70 for x in base]},          # from sft: +0.21 > 0.2
+            {"label": "dpo", "per_sequence": [x + 0.89 for x in base]},          # from ppo: +0.19
+            {"label": "lone", "per_sequence": [x + 0.52 for x in base]}]         # from the base: 0.52 > 0.5
+    parents = {"base": None, "sft": "base", "control": "sft", "ppo": "sft", "dpo": "ppo", "lone": None}
+    by = {r["label"]: r for r in realtask.kl_rows(rows, parents)}
+    assert by["base"]["within_tolerance"] is None and by["base"]["kl_from_base"] == 0
+    assert [by[k]["within_tolerance"] for k in ("sft", "control", "ppo", "dpo", "lone")] == [True, True, False, True, False]
+    assert by["dpo"]["parent"] == "ppo" and abs(by["dpo"]["added"] - 0.19) < 1e-9 and by["dpo"]["allowed"] == 0.2
+    assert by["lone"]["parent"] == "base" and by["lone"]["allowed"] == 0.5
+    assert abs(by["sft"]["kl_from_base"] - 0.49) < 1e-9 and by["sft"]["kl_se"] < 1e-9  # a constant shift: no spread
+    noisy = realtask.kl_rows([{"label": "base", "per_sequence": [0.0, 0.0]},
+                              {"label": "sft", "per_sequence": [0.2, 0.4]}], {"sft": "base"})[1]
+    assert abs(noisy["kl_from_base"] - 0.3) < 1e-9 and abs(noisy["kl_se"] - 0.1) < 1e-9
+    no_base = realtask.kl_rows([{"label": "sft", "per_sequence": [1.0]}], {"sft": None})[0]
+    assert no_base["kl_from_base"] is None and no_base["within_tolerance"] is None

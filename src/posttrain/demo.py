@@ -88,12 +88,20 @@ def make_rows(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_data(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+    return write_rows(directory, make_rows(seed))
+
+
+def write_rows(directory: str | Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
+    """<directory>/<split>.jsonl for each split; a file whose content is unchanged is not rewritten
+    (it keeps its mtime)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in make_rows(seed).items():
+    for name, rows in splits.items():
         p = directory / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not p.is_file() or p.read_text() != text:
+            p.write_text(text)
         paths[name] = p
     return paths
 

@@ -428,6 +428,20 @@ def bare_generation_config(generation_config):
     return GenerationConfig(**{k: getattr(generation_config, k, None) for k in GENERATION_IDS})
 
 
+def weights_mb(*modules) -> float:
+    """MB of the parameters and buffers of these models, each tensor counted once (a shared base or
+    a tied head is one tensor): what they hold resident, whatever their computation adds on top."""
+    seen, total = set(), 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 2**20
+
+
 @contextmanager
 def own_sampling(model):
     """Within this block, generate() samples only with the settings posttrain passes it.

@@ -208,16 +208,9 @@ def make_rows(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_data(directory: str | Path, seed: int = 0) -> dict[str, Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in make_rows(seed).items():
-        p = directory / f"{name}.jsonl"
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if not p.is_file() or p.read_text() != text:  # unchanged files keep their mtime
-            p.write_text(text)
-        paths[name] = p
-    return paths
+    from posttrain import demo
+
+    return demo.write_rows(directory, make_rows(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,11 +317,11 @@ def retention_text(cfg, tok, *, n_tokens: int, seed: int) -> list[list[int]]:
     return out
 
 
-def text_nll(model, seqs: list[list[int]], n_scored: int, pad: int, batch_size: int = 16) -> tuple[float, int]:
+def text_nll(model, seqs: list[list[int]], n_scored: int, pad: int, batch_size: int = 16) -> list[float]:
     """Mean NLL per token of the last n_scored tokens of each sequence (plain text, no template)."""
     import torch
 
-    total, count = 0.0, 0
+    out = []
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
             chunk = seqs[i:i + batch_size]
@@ -338,17 +331,55 @@ def text_nll(model, seqs: list[list[int]], n_scored: int, pad: int, batch_size: 
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
             for j, s in enumerate(chunk):  # predictions of tokens len-n_scored .. len-1
-                total -= lp[j, len(s) - 1 - n_scored:len(s) - 1].sum().item()
-                count += n_scored
-    return total / count, count
+                out.append(-lp[j, len(s) - 1 - n_scored:len(s) - 1].mean().item())
+    return out
 
 
-def retention(config: str, *, n_tokens: int = 32, seed: int = 0, tolerance: float = 0.1) -> dict:
+# Retention tolerances, in nats per token of KL(base || model) on general text (see `retention`).
+# SFT teaches a format the base never uses: it may move general text, but by at most SFT_DRIFT (the
+# model's perplexity on the base's own text at most e^0.5 = 1.65x the base's). Every later stage
+# changes one preference, not the language: it may add at most STAGE_DRIFT beyond its parent.
+SFT_DRIFT = 0.5
+STAGE_DRIFT = 0.2
+
+
+def kl_rows(rows: list[dict], parents: dict[str, str | None], *, sft_drift: float = SFT_DRIFT,
+            stage_drift: float = STAGE_DRIFT) -> list[dict]:
+    """Adds to each row (label, per_sequence NLLs on the same sequences) its KL from the base (the mean
+    paired difference, with its standard error) and the verdict against the tolerances: a model
+    trained from the base (SFT, control of a chain without SFT) is held to sft_drift from the base; a
+    model trained from another evaluated model to stage_drift beyond that parent."""
+    by = {r["label"]: r for r in rows}
+    base = by.get("base")
+    for r in rows:
+        r["nll"] = sum(r["per_sequence"]) / len(r["per_sequence"])
+        if base is None:
+            r.update(kl_from_base=None, kl_se=None, parent=None, added=None, allowed=None, within_tolerance=None)
+            continue
+        d = [a - b for a, b in zip(r["per_sequence"], base["per_sequence"], strict=True)]
+        mean = sum(d) / len(d)
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
+        r.update(kl_from_base=mean, kl_se=se)
+    for r in rows if base is not None else []:
+        if r is base:
+            r.update(parent=None, added=None, allowed=None, within_tolerance=None)
+            continue
+        parent = parents.get(r["label"])
+        parent = parent if parent in by and parent != "base" else None
+        added = r["kl_from_base"] - (by[parent]["kl_from_base"] if parent else 0.0)
+        allowed = stage_drift if parent else sft_drift
+        r.update(parent=parent or "base", added=added, allowed=allowed, within_tolerance=added <= allowed)
+    return rows
+
+
+def retention(config: str, *, n_tokens: int = 32, seed: int = 0, sft_drift: float = SFT_DRIFT,
+              stage_drift: float = STAGE_DRIFT) -> dict:
     """NLL per token, for every model the chain's eval compares, of general text the *base* model sampled
     (48 prose prefixes, 32 sampled tokens each, plain text, no chat template). The base's NLL on its own
     samples estimates its entropy; a model's NLL minus the base's estimates KL(base || model) per token:
-    how far the chain moved the model away from what it knew, outside the task. Writes
-    <output_dir>/retention.json and retention.md."""
+    how far the chain moved the model away from what it knew, outside the task. Reported with the
+    standard error of the paired per-sequence differences, and judged per stage: what a stage adds
+    beyond its parent against the tolerances above. Writes <output_dir>/retention.json and retention.md."""
     import torch
 
     from posttrain import config as config_mod
@@ -370,36 +401,44 @@ def retention(config: str, *, n_tokens: int = 32, seed: int = 0, tolerance: floa
         cache.write_text(json.dumps({"key": key, "sequences": seqs}))
     pad = tok.tokenizer.pad_token_id
     device = torch.device("cpu")
+    targets = [(label, path) for label, path in lineage.eval_models(cfg) if label == "base" or Path(path).is_dir()]
     rows = []
-    for label, path in lineage.eval_models(cfg):
-        if label != "base" and not Path(path).is_dir():
-            continue
+    for label, path in targets:
         mtok = models.load_tokenizer(cfg, eval_stage.tokenizer_source(path), need_masks=True)
         probes = [mtok.tokenizer(p)["input_ids"][:16] for p in GENERAL[:4]]
         model, _ = eval_stage.load_model(cfg, path, mtok, device, probes=probes)
-        value, count = text_nll(model, seqs, n_tokens, pad)
-        rows.append({"label": label, "path": path, "nll": value, "tokens": count})
-        print(f"retention: {label}: NLL {value:.4f} per token ({count} tokens)", flush=True)
+        per_seq = text_nll(model, seqs, n_tokens, pad)
+        rows.append({"label": label, "path": path, "per_sequence": per_seq})
+        print(f"retention: {label}: NLL {sum(per_seq) / len(per_seq):.4f} per token ({len(per_seq)} x {n_tokens})",
+              flush=True)
         del model
-    base = next((r["nll"] for r in rows if r["label"] == "base"), None)
-    for r in rows:
-        r["kl_from_base"] = None if base is None else r["nll"] - base
-        r["within_tolerance"] = None if base is None else r["kl_from_base"] <= tolerance
-    result = {"tolerance_nats_per_token": tolerance, "n_prefixes": len(seqs), "tokens_per_prefix": n_tokens,
-              "seed": seed, "models": rows, "wall_time_s": round(time.time() - t0, 1)}
+    parents = {label: eval_stage.parent_label(path, targets) for label, path in targets}
+    kl_rows(rows, parents, sft_drift=sft_drift, stage_drift=stage_drift)
+    result = {"sft_drift": sft_drift, "stage_drift": stage_drift, "n_prefixes": len(seqs),
+              "tokens_per_prefix": n_tokens, "seed": seed, "models": rows, "wall_time_s": round(time.time() - t0, 1)}
     (root / "retention.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Retention: NLL per token of {len(seqs)} general-text continuations ({n_tokens} tokens each) that the "
-             f"base model sampled itself (temperature 1, plain text); NLL − base NLL estimates KL(base ‖ model) per "
-             f"token. Tolerance: ≤ {tolerance} nats/token.", "",
-             "| model | NLL / token | KL from base (nats/token) | within tolerance |", "|---|---|---|---|"]
-    for r in rows:
-        kl = "–" if r["kl_from_base"] is None else f"{r['kl_from_base']:+.4f}"
-        ok = "–" if r["within_tolerance"] is None or r["label"] == "base" else ("yes" if r["within_tolerance"] else "NO")
-        lines.append(f"| {r['label']} | {r['nll']:.4f} | {kl} | {ok} |")
-    md = "\n".join(lines) + "\n"
+    md = retention_table(result)
     (root / "retention.md").write_text(md)
     print(md)
     return result
+
+
+def retention_table(result: dict) -> str:
+    lines = [f"Retention: NLL per token of {result['n_prefixes']} general-text continuations "
+             f"({result['tokens_per_prefix']} tokens each) that the base model sampled itself (temperature 1, "
+             "plain text); NLL − base NLL estimates KL(base ‖ model) per token (± one standard error of the "
+             f"paired per-sequence differences). Tolerance: a model trained from the base (SFT) moves it by at "
+             f"most {result['sft_drift']} nats/token; each later stage adds at most {result['stage_drift']} "
+             "beyond its parent.", "",
+             "| model | NLL / token | KL from base (nats/token) | parent | added | allowed | within tolerance |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["models"]:
+        if r["kl_from_base"] is None or r["label"] == "base":
+            lines.append(f"| {r['label']} | {r['nll']:.4f} | – | – | – | – | – |")
+            continue
+        lines.append(f"| {r['label']} | {r['nll']:.4f} | {r['kl_from_base']:+.4f} ± {r['kl_se']:.4f} | {r['parent']} "
+                     f"| {r['added']:+.4f} | ≤ {r['allowed']} | {'yes' if r['within_tolerance'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("retention", help="KL from the base model on general text, for every model of a chain")
     r.add_argument("config")
-    r.add_argument("--tolerance", type=float, default=0.1)
+    r.add_argument("--sft-drift", type=float, default=SFT_DRIFT, help="nats/token a model trained from the base may move it")
+    r.add_argument("--stage-drift", type=float, default=STAGE_DRIFT,
+                   help="nats/token each later stage may add beyond its parent")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         for name, p in write_data(args.dir, args.seed).items():
             print(f"{name}: {sum(1 for _ in p.open())} rows -> {p}")
     else:
-        retention(args.config, tolerance=args.tolerance)
+        retention(args.config, sft_drift=args.sft_drift, stage_drift=args.stage_drift)
     return 0
 
 

@@ -82,6 +82,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = _load_judge(cfg, rm_path, tok, device) if rm_path else None
     kl_ref = load_model(cfg, kl_path, tok, device, probes=_probe_ids(tok, held))[0] if kl_path else None
+    judges_mb = models.weights_mb(getattr(judge, "model", None), kl_ref)
     manifest.prepare_output(out, overwrite=True)
     lineage.mark_started(out, key)
 
@@ -92,7 +93,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
         m0 = time.time()
         model_tok = models.load_tokenizer(cfg, tokenizer_source(path), need_masks=True)
         model, loaded = load_model(cfg, path, model_tok, device, probes=_probe_ids(tok, held))
-        row = {"label": label, "path": path, "parent": _parent_label(path, targets), "loaded": loaded,
+        row = {"label": label, "path": path, "parent": parent_label(path, targets), "loaded": loaded,
+               "weights_mb": round(models.weights_mb(model), 1),
                "template_hash": model_tok.template_hash, "decodings": {}}
         if model_tok.template_hash != tok.template_hash:
             console.print(f"[yellow]warning[/] {label}: its tokenizer renders the template differently from "
@@ -135,6 +137,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
         "template": cfg.template.name, "template_hash": tok.template_hash, "decoding": [d.model_dump() for d in ec.decoding],
         "max_new_tokens": ec.max_new_tokens, "seed": seed, "scorers": [s.model_dump() for s in ec.scorers],
         "reward_model": rm_path, "kl_reference": kl_path, "device": device.type,
+        "judges_weights_mb": round(judges_mb, 1),
     }
     (out / RESULTS).write_text(json.dumps({"settings": settings, "models": results, "samples": samples},
                                           indent=2, default=_json_default) + "\n")
@@ -392,6 +395,7 @@ def _load_judge(cfg: Config, rm_path: str, tok: models.TokenizerInfo, device):
         seqs = [g["query"] + g["ids"] + (suffix if g["ended"] else []) for g in gens]
         return rewards.score_ids(rm, seqs, tok.tokenizer.pad_token_id, batch_size=cfg.eval.batch_size)
 
+    judge.model = rm
     return judge
 
 
@@ -500,7 +504,7 @@ def add_win_rates(results: list[dict]) -> None:
             dm["reward_scores"] = dm["reward"].pop("per_response")
 
 
-def _parent_label(path: str, targets: list[tuple[str, str]]) -> str | None:
+def parent_label(path: str, targets: list[tuple[str, str]]) -> str | None:
     """The label of the evaluated model this one was trained from (its manifest's parent)."""
     m = manifest.read(path) if Path(path).is_dir() else None
     parent = ((m or {}).get("parent") or {}).get("path")

@@ -102,6 +102,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None and not getattr(reference, "is_loaded_in_4bit", False):  # 4-bit: placed at load
         reference.to(accelerator.device)
+    resident_mb = models.weights_mb(policy, reference, reward_model, value)  # the peak's rest: the loop's own
     loop = Loop(cfg, pc, accelerator, model, optimizer, reference, reward_model, tok, queries, out, ptx)
     if last_checkpoint:
         loop.load(last_checkpoint)
@@ -124,6 +125,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "prompts_dropped_too_long": dropped,
         "wall_time_s": round(time.time() - t0, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "weights_mb": round(resident_mb, 1),
         "processes": accelerator.num_processes,
         "distribution": processes,
         "memory_estimate_mb": common.estimate_mb(estimate),
