@@ -47,6 +47,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain import demo
+
 BRIEF_SHARE = 0.3  # share of SFT answers in the brief style (PPO's preference)
 BOLD_SHARE = 0.3  # share of SFT answers with the bold label (DPO's preference)
 EVAL_SHARE = 0.25  # items held out per family
@@ -208,8 +210,6 @@ def make_rows(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_data(directory: str | Path, seed: int = 0) -> dict[str, Path]:
-    from posttrain import demo
-
     return demo.write_rows(directory, make_rows(seed))
 
 
@@ -352,17 +352,17 @@ def kl_rows(rows: list[dict], parents: dict[str, str | None], *, sft_drift: floa
     by = {r["label"]: r for r in rows}
     base = by.get("base")
     for r in rows:
-        r["nll"] = sum(r["per_sequence"]) / len(r["per_sequence"])
-        if base is None:
-            r.update(kl_from_base=None, kl_se=None, parent=None, added=None, allowed=None, within_tolerance=None)
-            continue
+        r.update(nll=sum(r["per_sequence"]) / len(r["per_sequence"]), kl_from_base=None, kl_se=None, parent=None,
+                 added=None, allowed=None, within_tolerance=None)
+    if base is None:
+        return rows
+    for r in rows:
         d = [a - b for a, b in zip(r["per_sequence"], base["per_sequence"], strict=True)]
         mean = sum(d) / len(d)
         se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
         r.update(kl_from_base=mean, kl_se=se)
-    for r in rows if base is not None else []:
+    for r in rows:
         if r is base:
-            r.update(parent=None, added=None, allowed=None, within_tolerance=None)
             continue
         parent = parents.get(r["label"])
         parent = parent if parent in by and parent != "base" else None
