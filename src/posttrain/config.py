@@ -181,7 +181,8 @@ class RewardStageConfig(StageConfig):
         "responses is above this (a reward model that only likes long answers)."
     )
     tolerance: float = Field(
-        1e-4, gt=0.0, description="Largest |Δscore| accepted between reload, padding sides and batch mates."
+        1e-4, gt=0.0, description="Largest |Δscore| accepted between reload, padding sides and batch mates, in "
+        "float32; in bf16/fp16 at least 8 rounding steps of the scores' size (posttrain.numerics)."
     )
 
 

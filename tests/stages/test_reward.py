@@ -129,7 +129,8 @@ def test_reward_model_learns_the_style(rm_full, sft_dir, demo_data):
     assert metrics["margin"] > 0 and metrics["score_chosen_mean"] > metrics["score_rejected_mean"]
     assert math.isfinite(metrics["length_correlation"]) and -1 <= metrics["length_correlation"] <= 1
     assert math.isfinite(metrics["train_loss_final"]) and metrics["train_loss_final"] < math.log(2)
-    assert m["checks"]["padding_and_batch"] == "scores equal within tolerance"
+    assert m["checks"]["padding_and_batch"] == "scores equal within 0.0001"  # float32: reward.tolerance as set
+    assert m["checks"]["reload"]["tolerance"] == 1e-4
     assert m["checks"]["reload"]["sequences"] == reward.CHECK_SEQUENCES
     assert m["checks"]["reload"]["max_abs_diff"] <= 1e-5
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
@@ -250,8 +251,8 @@ def test_padding_and_batch_check(rm_full, demo_data):
     probe = _probe(demo_data, tok)
     assert len({len(s) for s in probe}) > 1, "the probe needs sequences of different lengths"
     model = rewards.load_reward_model(str(out))
-    scores = reward.check_padding_and_batch(model, probe, pad, 1e-4)
-    assert scores == rewards.score_ids(model, probe, pad)
+    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4)
+    assert scores == rewards.score_ids(model, probe, pad) and tol == 1e-4
 
     # negative control: the model believes another token is padding, so on right-padded rows it
     # reads the score at the last (pad) position instead of the last real token
@@ -260,6 +261,77 @@ def test_padding_and_batch_check(rm_full, demo_data):
     model.config.pad_token_id = wrong
     with pytest.raises(PosttrainError, match=r"scores change with left padding"):
         reward.check_padding_and_batch(model, probe, pad, 1e-4)
+
+
+def _wrong_pad(model, probe) -> None:
+    """The fault the padding check exists for: the model believes another token is padding."""
+    used = {t for s in probe for t in s}
+    model.config.pad_token_id = next(t for t in range(model.config.vocab_size) if t not in used
+                                     and t != model.config.pad_token_id)
+
+
+def test_padding_and_batch_check_in_bf16(rm_full, demo_data):
+    """In bf16 the scores differ between padding sides by rounding (more than reward.tolerance 1e-4,
+    which would stop every bf16 run): the check passes within eight rounding steps of the scores'
+    size, and still catches a score read at a pad token."""
+    out, _ = rm_full
+    tok = _tokenizer(out)
+    pad = tok.pad_token_id
+    probe = _probe(demo_data, tok)
+    model = rewards.load_reward_model(str(out), dtype=torch.bfloat16)
+    right = rewards.score_ids(model, probe, pad)
+    left = rewards.score_ids(model, probe, pad, padding_side="left")
+    alone = rewards.score_ids(model, probe, pad, batch_size=1)
+    noise = max(abs(a - b) for a, b in [*zip(right, left), *zip(right, alone)])
+    assert noise > 1e-4, "bf16 rounding no longer shows here: the test lost its point"
+    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4)
+    assert scores == right
+    assert tol == pytest.approx(8 * 2 ** -7 * max(1.0, max(map(abs, right)))) and noise < tol
+
+    _wrong_pad(model, probe)
+    with pytest.raises(PosttrainError, match=r"scores change with left padding .* in bfloat16"):
+        reward.check_padding_and_batch(model, probe, pad, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_check_threshold(rm_full, demo_data, monkeypatch, dtype):
+    """Negative control at the threshold: a left-padded score off by just over the tolerance fails,
+    just under it passes (in float32 the configured tolerance, in bf16 the rounding-sized one)."""
+    out, _ = rm_full
+    tok = _tokenizer(out)
+    pad = tok.pad_token_id
+    probe = _probe(demo_data, tok)
+    model = rewards.load_reward_model(str(out), dtype=dtype)
+    exact = rewards.score_ids(model, probe, pad)
+    tol = 1e-2 if dtype == torch.float32 else 8 * 2 ** -7 * max(1.0, max(map(abs, exact)))
+
+    def shifted(by):
+        def score(m, seqs, p, *, batch_size=32, padding_side="right"):
+            return [x + (by if padding_side == "left" and i == 3 else 0.0) for i, x in enumerate(exact)]
+        return score
+
+    monkeypatch.setattr(rewards, "score_ids", shifted(0.9 * tol))
+    assert reward.check_padding_and_batch(model, probe, pad, 1e-2)[1] == pytest.approx(tol)
+    monkeypatch.setattr(rewards, "score_ids", shifted(1.1 * tol))
+    with pytest.raises(PosttrainError, match="scores change with left padding"):
+        reward.check_padding_and_batch(model, probe, pad, 1e-2)
+
+
+def test_bf16_reward_stage_passes_its_checks(tiny_dir, demo_data, sft_dir, tmp_path):
+    """Issue 16 item 0: with model.dtype bfloat16 the reward stage stopped at its padding check
+    (max |Δ| 1.6e-2 > 1e-4). It now trains, passes the padding and reload checks with a tolerance
+    sized for bf16 (recorded), and its scores still rank the held-out pairs."""
+    section = _reward_section(3e-3)
+    raw = _raw(tiny_dir, demo_data, tmp_path, reward=section)
+    raw["model"]["dtype"] = "bfloat16"
+    out = reward.run(validate_dict(raw), base=str(sft_dir), output=str(tmp_path / "reward"))
+    assert manifest.is_finished(out)
+    m = manifest.read(out)
+    assert m["config"]["model"]["dtype"] == "bfloat16"
+    tol = m["checks"]["reload"]["tolerance"]
+    assert 1e-4 < tol < 0.5 and m["checks"]["padding_and_batch"] == f"scores equal within {tol:.3g}"
+    assert m["checks"]["reload"]["max_abs_diff"] <= tol
+    assert m["metrics"]["accuracy"] >= 0.8, m["metrics"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from posttrain import lineage, manifest, models
+from posttrain import lineage, manifest, models, numerics
 from posttrain.config import Config, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
@@ -106,12 +106,12 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 5. scores independent of padding and batch mates; save; reload in a fresh process
     probe = [*ev["chosen_ids"][: CHECK_SEQUENCES // 2], *ev["rejected_ids"][: CHECK_SEQUENCES // 2]]
-    scores = check_padding_and_batch(scorer, probe, pad, rc.tolerance)
+    scores, tolerance = check_padding_and_batch(scorer, probe, pad, rc.tolerance)
     if not common.save(trainer, out, cfg, tok, rc.method):
         return out
     if rc.method != "full":
         rewards.check_head_saved(out)
-    reload = check_reload(out, probe, pad, scores, rc.tolerance, method=rc.method, model_dtype=cfg.model.dtype)
+    reload = check_reload(out, probe, pad, scores, tolerance, method=rc.method, model_dtype=cfg.model.dtype)
 
     runtime = result.metrics.get("train_runtime", time.time() - t0)
     metrics = {
@@ -135,7 +135,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         trainable_parameters=trainable,
         total_parameters=total,
         metrics=metrics,
-        checks={"padding_and_batch": "scores equal within tolerance", "reload": reload},
+        checks={"padding_and_batch": f"scores equal within {tolerance:.3g}", "reload": reload},
         resumed_from=str(last_checkpoint) if last_checkpoint else None,
     )
     where = "held-out" if eval_ds is not None else "train sample"
@@ -192,20 +192,24 @@ def pearson(x: list[float], y: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / (len(x) * sx * sy)
 
 
-def check_padding_and_batch(model, sequences: list[list[int]], pad: int, tolerance: float) -> list[float]:
-    """The score of a sequence is the same padded right or left, and alone or in a batch."""
+def check_padding_and_batch(model, sequences: list[list[int]], pad: int, tolerance: float) -> tuple[list[float], float]:
+    """The score of a sequence is the same padded right or left, and alone or in a batch: within
+    `tolerance` in float32, within a few rounding steps of the scores' size in half precision
+    (numerics.tolerance). Returns the right-padded scores and the tolerance applied."""
     right = rewards.score_ids(model, sequences, pad, padding_side="right")
     left = rewards.score_ids(model, sequences, pad, padding_side="left")
     alone = rewards.score_ids(model, sequences, pad, batch_size=1)
+    dtype = numerics.compute_dtype(model)
+    tol = numerics.tolerance(tolerance, dtype, scale=max(abs(x) for x in right))
     for name, other in (("left padding", left), ("a batch of one", alone)):
         diff = max(abs(a - b) for a, b in zip(right, other, strict=True))
-        if diff > tolerance:
+        if diff > tol:
             raise PosttrainError(
-                f"the reward model's scores change with {name} (max |Δ| {diff:.2e} > reward.tolerance {tolerance}): "
-                "the score is not read at the last real token",
+                f"the reward model's scores change with {name} (max |Δ| {diff:.2e} > {tol:.2e}, reward.tolerance "
+                f"{tolerance} in {str(dtype).removeprefix('torch.')}): the score is not read at the last real token",
                 fix="check that the pad token differs from every content token and model.pad_token",
             )
-    return right
+    return right, tol
 
 
 def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list[float], tolerance: float,
@@ -224,6 +228,6 @@ def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list
     got = json.loads(r.stdout.strip().splitlines()[-1])
     diff = max(abs(a - b) for a, b in zip(expected, got, strict=True))
     if diff > tolerance:
-        raise PosttrainError(f"the reward model saved in '{out}' reloads with other scores (max |Δ| {diff:.2e}): "
-                             "its head or weights were not saved as trained")
-    return {"sequences": len(sequences), "max_abs_diff": diff}
+        raise PosttrainError(f"the reward model saved in '{out}' reloads with other scores (max |Δ| {diff:.2e} > "
+                             f"{tolerance:.2e}): its head or weights were not saved as trained")
+    return {"sequences": len(sequences), "max_abs_diff": diff, "tolerance": tolerance}
