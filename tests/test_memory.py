@@ -172,6 +172,30 @@ def test_dpo_reference_modes(tmp_path):
     assert est["lora", "copy"].total - est["lora", "adapter_disabled"].total == adapter * 4
 
 
+def test_full_training_in_bf16_counts_the_float32_master_weights(tmp_path):
+    """The TRL stages train full models on float32 master weights in bf16 (models.weights_dtype):
+    16 bytes a parameter, and DPO's frozen copy in float32; a LoRA base and PPO's policy stay bf16.
+    The estimate counts what the loader will load."""
+    import torch
+
+    from posttrain import models
+
+    _, d = llama(tmp_path)
+    sft_cfg = config(d, "sft", dtype="bfloat16", method="full")
+    full = memory.estimate_stage(sft_cfg, "sft", str(d), cuda=True)
+    n = full.settings.arch.params
+    assert models.weights_dtype(sft_cfg, "full", master_weights=True) == torch.float32
+    assert full.parts["policy"]["weights"] == n * 4 and full.parts["policy"]["grads"] == n * 4
+    dpo = memory.estimate_stage(config(d, "dpo", dtype="bfloat16", method="full"), "dpo", str(d), cuda=True)
+    assert dpo.parts["reference"] == {"weights": n * 4}
+    lora_cfg = config(d, "sft", dtype="bfloat16", method="lora")
+    lora = memory.estimate_stage(lora_cfg, "sft", str(d), cuda=True)
+    assert models.weights_dtype(lora_cfg, "lora", master_weights=True) == torch.bfloat16
+    assert lora.parts["policy"]["weights"] - n * 2 == memory.lora_parameters(lora.settings.arch, lora.settings.adapter) * 4
+    ppo = memory.estimate_stage(config(d, "ppo", dtype="bfloat16", method="full"), "ppo", str(d), cuda=True)
+    assert ppo.parts["policy"]["weights"] == n * 2
+
+
 def test_an_adapter_start_reads_its_base_and_continues_the_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -23,10 +23,3 @@ def test_half_precision_is_rounding_steps_of_the_scale(dtype, eps):
     # a configured tolerance larger than that is kept
     assert numerics.tolerance(5.0, dtype, scale=9.0) == 5.0
 
-
-def test_compute_dtype_is_the_embeddings():
-    emb = torch.nn.Embedding(4, 2).to(torch.bfloat16)
-    model = torch.nn.Module()
-    model.get_input_embeddings = lambda: emb
-    model.head = torch.nn.Linear(2, 1)  # float32, as a LoRA adapter's own weights
-    assert numerics.compute_dtype(model) == torch.bfloat16

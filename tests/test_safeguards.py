@@ -423,10 +423,9 @@ def test_reward_scores_must_not_depend_on_batch_mates(monkeypatch):
 
     monkeypatch.setattr(rewards, "score_ids", score_ids)
     seqs = [[5, 6, 7], [5, 6]]
-    fp32 = SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(8, 2))  # computes in float32
     with pytest.raises(PosttrainError, match=r"scores change with a batch of one"):
-        reward.check_padding_and_batch(fp32, seqs, 0, 1e-4)
-    assert reward.check_padding_and_batch(fp32, seqs, 0, 0.2) == ([3.0, 2.0], 0.2)
+        reward.check_padding_and_batch(None, seqs, 0, 1e-4, torch.float32)
+    assert reward.check_padding_and_batch(None, seqs, 0, 0.2, torch.float32) == ([3.0, 2.0], 0.2)
 
 
 def test_reward_gate_without_a_recorded_accuracy(tmp_path, small_rm):

@@ -8,10 +8,11 @@ What is counted, per model in memory (bytes):
   of 64 + 4/16384 for the second-level absmax), and the rest in fp32, because
   peft.prepare_model_for_kbit_training casts every non-4-bit parameter to fp32.
 - grads and optimizer, for trainable parameters only: torch's AdamW keeps both moments in the
-  parameter's dtype (zeros_like) plus a 4-byte step counter per tensor, and transformers' Trainer
-  keeps no fp32 master copy (bf16=True autocasts; the weights stay in the dtype they loaded in). So
-  a full fine-tune costs 16 bytes per parameter in fp32 and 8 in bf16. LoRA adapters are fp32 (PEFT
-  upcasts adapters of 16-bit bases), except under QLoRA in the TRL stages, which cast them to bf16.
+  parameter's dtype (zeros_like) plus a 4-byte step counter per tensor. A full fine-tune in the TRL
+  stages keeps float32 master weights in bf16/fp16 too (models.weights_dtype: the trainer autocasts),
+  so it costs 16 bytes per parameter in any dtype, and DPO's frozen copy is float32 as well;
+  posttrain's PPO still trains weights in model.dtype (8 bytes in bf16). LoRA adapters are fp32
+  (PEFT upcasts adapters of 16-bit bases), except under QLoRA in the TRL stages, which cast them to bf16.
 - activations, what autograd keeps for backward (fitted to the tensors transformers 5.23's
   LlamaDecoderLayer with sdpa saves, measured with saved_tensors_hooks): per token and layer
   (6a + 8)·hidden + 2a·kv_dim + 4a·intermediate + 4·heads + 8 bytes, a = activation bytes (the 8s
@@ -250,7 +251,9 @@ def estimate(s: Settings) -> Estimate:
     la = 2 if s.method == "qlora" and s.stage != "ppo" else 4  # TRL casts QLoRA adapters to bf16
     a = 4 if s.method == "qlora" else s.act
     n = s.batch * (2 if s.stage in ("dpo", "reward") else 1)  # chosen and rejected in one forward
-    policy = _trained(arch, s.method, adapter, s.dtype, la)
+    # full training in the TRL stages: float32 master weights (models.weights_dtype)
+    trained = 4 if s.method == "full" and s.stage != "ppo" else s.dtype
+    policy = _trained(arch, s.method, adapter, trained, la)
     policy["activations"] = _activations(arch, n, s.seq, a, adapter, la, s.mask, s.checkpointing, s.eager)
     if s.ptx:
         policy["activations"] += _activations(arch, s.batch, s.ptx, a, adapter, la, s.mask, False, s.eager)
@@ -260,8 +263,8 @@ def estimate(s: Settings) -> Estimate:
         ref = "model" if s.method == "full" or s.continues_adapter else None
     else:  # precomputed and adapter_disabled keep no reference; rloo/grpo: "copy" when beta > 0
         ref = None if s.reference != "copy" else "model" if s.method == "full" else "adapter"
-    if ref == "model":
-        parts["reference"] = {"weights": arch.params * s.dtype}
+    if ref == "model":  # DPO's deep copy of the (master-weight) policy; PPO's loads in model.dtype
+        parts["reference"] = {"weights": arch.params * trained}
     elif ref == "adapter":  # TRL keeps a frozen copy of the adapter, "ref"; the base is shared
         parts["reference adapter"] = {"weights": lora_parameters(arch, s.adapter) * la}
     for i, (r, four_bit) in enumerate(s.rewards):

@@ -240,7 +240,7 @@ def _adapter_and_base(cfg: Config, source: str) -> tuple[str | None, str]:
 
 
 def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
-                   *, wrap: bool = True):
+                   *, wrap: bool = True, master_weights: bool = False):
     """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model.
 
     `source` may be a LoRA adapter directory (an SFT stage trained with LoRA). Then the starting
@@ -248,13 +248,14 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     trainable (training continues that adapter) for lora/qlora. Either way training starts from
     the adapter's weights, never from the bare base. With `wrap=False` a new LoRA adapter is not
     applied (the caller hands `lora_config(...)` to the trainer instead); QLoRA's k-bit preparation
-    is done either way.
+    is done either way. `master_weights`: full training in bf16/fp16 loads float32 weights, for a
+    trainer that computes in the half dtype under autocast (see `weights_dtype`).
     """
     from transformers import AutoModelForCausalLM
 
     adapter, source = _adapter_and_base(cfg, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method))
+        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method, master_weights=master_weights))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
 
@@ -273,13 +274,42 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     return apply_lora(model, lora, quantized=method == "qlora", train_embeddings=grew)
 
 
-def _load_kwargs(cfg: Config, method: str) -> dict:
-    """from_pretrained arguments shared by every model posttrain trains: dtype, revision, remote
-    code, attention kernel, and 4-bit quantization (on the current GPU) for QLoRA."""
+def weights_dtype(cfg: Config, method: str, *, master_weights: bool = False):
+    """The dtype a model's weights load in. model.dtype, except for full training with
+    `master_weights` in bf16/fp16: then float32, and the trainer computes in the half dtype under
+    autocast (trainer_precision). AdamW on bf16 weights loses the updates that are smaller than a
+    weight's rounding step (2^-8 of its size): full SFT of the demo model at lr 1e-5 changed 14.5% of
+    its matrix weights in 30 steps, against all of them in float32 (docs/benchmarks.md). LoRA and
+    QLoRA train float32 adapters on a frozen base, which keeps model.dtype."""
     import torch
 
     dtype = torch_dtype(cfg.model.dtype)
-    kwargs = {"dtype": dtype, "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    return torch.float32 if master_weights and method == "full" else dtype
+
+
+def trainer_precision(cfg: Config) -> dict:
+    """The trainer's mixed-precision flags for model.dtype: bf16 autocast when the model computes in
+    bf16 (on CPU too: accelerate autocasts there), fp16 autocast (with loss scaling) for float16 on
+    CUDA. Empty when model.dtype is float32 (the device defaults decide). On CPU, float16 has no
+    autocast in accelerate: a full fine-tune there computes in float32 on its float32 master weights."""
+    import torch
+
+    dtype = torch_dtype(cfg.model.dtype)
+    if dtype == torch.bfloat16:
+        return {"bf16": True, "fp16": False}
+    if dtype == torch.float16 and torch.cuda.is_available():
+        return {"bf16": False, "fp16": True}
+    return {}
+
+
+def _load_kwargs(cfg: Config, method: str, *, master_weights: bool = False) -> dict:
+    """from_pretrained arguments shared by every model posttrain trains: dtype (weights_dtype),
+    revision, remote code, attention kernel, and 4-bit quantization (on the current GPU) for QLoRA."""
+    import torch
+
+    dtype = torch_dtype(cfg.model.dtype)
+    kwargs = {"dtype": weights_dtype(cfg, method, master_weights=master_weights), "revision": cfg.model.revision,
+              "trust_remote_code": cfg.model.trust_remote_code}
     if not cfg.model.allow_pickle_weights:
         kwargs["use_safetensors"] = True
     if impl := attention(cfg):
@@ -323,7 +353,8 @@ def attention(cfg: Config) -> str | None:
     return None
 
 
-def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
+def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
+                             *, master_weights: bool = False):
     """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
     head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
     adapter, safeguard #21) or QLoRA.
@@ -339,7 +370,8 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
 
     adapter, source = _adapter_and_base(cfg, source)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **_load_kwargs(cfg, method))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, **_load_kwargs(cfg, method, master_weights=master_weights))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]

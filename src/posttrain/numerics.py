@@ -44,8 +44,3 @@ def tolerance(configured: float, dtype, scale: float = 1.0) -> float:
         return configured
     return max(configured, HALF_PRECISION_STEPS * eps(dtype) * max(1.0, abs(scale)))
 
-
-def compute_dtype(model):
-    """The dtype a model computes in: its input embeddings' (a LoRA adapter's own float32 weights and
-    a 4-bit model's packed ones say nothing about it)."""
-    return model.get_input_embeddings().weight.dtype

@@ -251,7 +251,7 @@ def test_padding_and_batch_check(rm_full, demo_data):
     probe = _probe(demo_data, tok)
     assert len({len(s) for s in probe}) > 1, "the probe needs sequences of different lengths"
     model = rewards.load_reward_model(str(out))
-    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4)
+    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4, torch.float32)
     assert scores == rewards.score_ids(model, probe, pad) and tol == 1e-4
 
     # negative control: the model believes another token is padding, so on right-padded rows it
@@ -260,7 +260,7 @@ def test_padding_and_batch_check(rm_full, demo_data):
     wrong = next(t for t in range(model.config.vocab_size) if t not in used and t != pad)
     model.config.pad_token_id = wrong
     with pytest.raises(PosttrainError, match=r"scores change with left padding"):
-        reward.check_padding_and_batch(model, probe, pad, 1e-4)
+        reward.check_padding_and_batch(model, probe, pad, 1e-4, torch.float32)
 
 
 def _wrong_pad(model, probe) -> None:
@@ -284,13 +284,13 @@ def test_padding_and_batch_check_in_bf16(rm_full, demo_data):
     alone = rewards.score_ids(model, probe, pad, batch_size=1)
     noise = max(abs(a - b) for a, b in [*zip(right, left), *zip(right, alone)])
     assert noise > 1e-4, "bf16 rounding no longer shows here: the test lost its point"
-    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4)
+    scores, tol = reward.check_padding_and_batch(model, probe, pad, 1e-4, torch.bfloat16)
     assert scores == right
     assert tol == pytest.approx(8 * 2 ** -7 * max(1.0, max(map(abs, right)))) and noise < tol
 
     _wrong_pad(model, probe)
     with pytest.raises(PosttrainError, match=r"scores change with left padding .* in bfloat16"):
-        reward.check_padding_and_batch(model, probe, pad, 1e-4)
+        reward.check_padding_and_batch(model, probe, pad, 1e-4, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -311,10 +311,10 @@ def test_padding_check_threshold(rm_full, demo_data, monkeypatch, dtype):
         return score
 
     monkeypatch.setattr(rewards, "score_ids", shifted(0.9 * tol))
-    assert reward.check_padding_and_batch(model, probe, pad, 1e-2)[1] == pytest.approx(tol)
+    assert reward.check_padding_and_batch(model, probe, pad, 1e-2, dtype)[1] == pytest.approx(tol)
     monkeypatch.setattr(rewards, "score_ids", shifted(1.1 * tol))
     with pytest.raises(PosttrainError, match="scores change with left padding"):
-        reward.check_padding_and_batch(model, probe, pad, 1e-2)
+        reward.check_padding_and_batch(model, probe, pad, 1e-2, dtype)
 
 
 def test_bf16_reward_stage_passes_its_checks(tiny_dir, demo_data, sft_dir, tmp_path):

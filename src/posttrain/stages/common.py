@@ -164,6 +164,7 @@ def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool, estimate=
         "dataloader_num_workers": 0,
     }
     defaults.update(config_mod.device_training_defaults(has_cuda, has_cuda and torch.cuda.is_bf16_supported()))
+    defaults.update(models.trainer_precision(cfg))  # autocast in model.dtype over float32 master weights
     user = getattr(cfg, stage).training
     # Evaluation batches no larger than training's: an eval forward holds the whole batch's logits
     # (TRL's fused head chunks them only in training), and with Gemma-3's 262k vocabulary eval at

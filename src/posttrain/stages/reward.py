@@ -66,7 +66,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     common.start_output(out, key, resume=resume)
     estimate = common.check_memory(cfg, "reward", source)
     common.seed(cfg)
-    model = models.load_sequence_classifier(cfg, source, rc.method, rc.lora, tok)
+    model = models.load_sequence_classifier(cfg, source, rc.method, rc.lora, tok, master_weights=True)
     trainable, total = models.trainable_parameters(model)
     args = RewardConfig(**common.trainer_kwargs(cfg, "reward", out, has_eval=eval_ds is not None, estimate=estimate))
     trainer = RewardTrainer(
@@ -106,7 +106,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 5. scores independent of padding and batch mates; save; reload in a fresh process
     probe = [*ev["chosen_ids"][: CHECK_SEQUENCES // 2], *ev["rejected_ids"][: CHECK_SEQUENCES // 2]]
-    scores, tolerance = check_padding_and_batch(scorer, probe, pad, rc.tolerance)
+    # the dtype the stage computes in: model.dtype (bf16 weights, or bf16 autocast over float32 master weights)
+    scores, tolerance = check_padding_and_batch(scorer, probe, pad, rc.tolerance, models.torch_dtype(cfg.model.dtype))
     if not common.save(trainer, out, cfg, tok, rc.method):
         return out
     if rc.method != "full":
@@ -192,14 +193,15 @@ def pearson(x: list[float], y: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / (len(x) * sx * sy)
 
 
-def check_padding_and_batch(model, sequences: list[list[int]], pad: int, tolerance: float) -> tuple[list[float], float]:
+def check_padding_and_batch(model, sequences: list[list[int]], pad: int, tolerance: float,
+                            dtype) -> tuple[list[float], float]:
     """The score of a sequence is the same padded right or left, and alone or in a batch: within
-    `tolerance` in float32, within a few rounding steps of the scores' size in half precision
-    (numerics.tolerance). Returns the right-padded scores and the tolerance applied."""
+    `tolerance` when the model computes in float32, within rounding steps of the scores' size when
+    it computes in `dtype` bf16/fp16 (numerics.tolerance). Returns the right-padded scores and the
+    tolerance applied."""
     right = rewards.score_ids(model, sequences, pad, padding_side="right")
     left = rewards.score_ids(model, sequences, pad, padding_side="left")
     alone = rewards.score_ids(model, sequences, pad, batch_size=1)
-    dtype = numerics.compute_dtype(model)
     tol = numerics.tolerance(tolerance, dtype, scale=max(abs(x) for x in right))
     for name, other in (("left padding", left), ("a batch of one", alone)):
         diff = max(abs(a - b) for a, b in zip(right, other, strict=True))
