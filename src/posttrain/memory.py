@@ -259,13 +259,13 @@ def estimate(s: Settings) -> Estimate:
         policy["activations"] += _activations(arch, s.batch, s.ptx, a, adapter, la, s.mask, False, s.eager)
     policy["logits"] = _logits(s, arch, n, a)
     parts = {"policy": policy}
-    if s.stage == "ppo":  # a frozen copy, or the SFT adapter merged; a new adapter is disabled instead
-        ref = "model" if s.method == "full" or s.continues_adapter else None
+    if s.stage == "ppo":  # a frozen copy; a frozen copy of the SFT adapter; a new adapter is disabled instead
+        ref = "model" if s.method == "full" else "adapter" if s.continues_adapter else None
     else:  # precomputed and adapter_disabled keep no reference; rloo/grpo: "copy" when beta > 0
         ref = None if s.reference != "copy" else "model" if s.method == "full" else "adapter"
     if ref == "model":  # DPO's deep copy of the (master-weight) policy; PPO's loads in model.dtype
         parts["reference"] = {"weights": arch.params * trained}
-    elif ref == "adapter":  # TRL keeps a frozen copy of the adapter, "ref"; the base is shared
+    elif ref == "adapter":  # a frozen copy of the adapter (TRL's "ref", PPO's "reference"); the base is shared
         parts["reference adapter"] = {"weights": lora_parameters(arch, s.adapter) * la}
     for i, (r, four_bit) in enumerate(s.rewards):
         c = r.classifier()

@@ -345,8 +345,8 @@ def test_ppo_after_sft(outputs, sft_m, ppo_m):
     out = outputs.get("ppo", sft_m, ppo_m, rm_m)
     m = _finished(out, "ppo", ppo_m)
     assert m["reward_model"]["path"] == str(outputs.get("reward", sft_m, rm_m))
-    if sft_m != "full" and ppo_m == "qlora":  # the reference is the starting model as the policy loads it
-        assert m["reference"] == "the starting (SFT) adapter on its 4-bit base, frozen"
+    if sft_m != "full" and ppo_m != "full":  # the reference is the starting adapter on the policy's own base
+        assert m["reference"] == "frozen copy of the starting (SFT) adapter on the policy's base"
     assert m["metrics"]["steps"] == STEPS and math.isfinite(m["metrics"]["score_last"])
     _finite_losses(out, "policy_loss")
     _finite_losses(out, "value_loss")

@@ -254,6 +254,54 @@ def test_lora_ppo_and_merge(ppo_config, sft_dir, tmp_path):
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
 
 
+@pytest.fixture(scope="module")
+def sft_lora_dir(tiny_dir, demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_sft_lora")
+    raw = _raw(tiny_dir, demo_data, root)
+    raw["sft"] = {**raw["sft"], "method": "lora", "lora": LORA,
+                  "training": {**raw["sft"]["training"], "max_steps": 60}}
+    return sft.run(validate_dict(raw), output=str(root / "sft"))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_ppo_continuing_an_sft_adapter_in_bf16(method, tiny_dir, demo_data, sft_lora_dir, rm_dir, tmp_path,
+                                               monkeypatch):
+    """Issue 16 item 1: the reference of a LoRA/QLoRA policy that continues an SFT adapter is a
+    frozen copy of that adapter on the policy's own base, so in bf16 the first rollout's KL is 0
+    exactly (with the adapter merged into the base it was 1.6e-2 nats a response on this model and
+    the run stopped). The copy is neither trained nor saved nor counted. Negative control: the
+    merged reference still stops the run at the first rollout."""
+    from posttrain import models
+
+    def config(tag):
+        raw = _raw(tiny_dir, demo_data, tmp_path / tag, ppo=_ppo(rm_dir, steps=2, method=method, lora=LORA))
+        raw["model"]["dtype"] = "bfloat16"
+        return validate_dict(raw)
+
+    cfg = config("ok")
+    out = ppo.run(cfg, base=str(sft_lora_dir), output=str(tmp_path / "ok" / "ppo"))
+    m, sft_m = manifest.read(out), manifest.read(sft_lora_dir)
+    assert m["reference"] == "frozen copy of the starting (SFT) adapter on the policy's base"
+    logs = _logs(out)
+    assert logs[0]["kl"] == 0.0 and logs[1]["kl"] != 0.0
+    assert m["trainable_parameters"] == sft_m["trainable_parameters"]
+    if method == "lora":  # (a 4-bit base counts its packed storage, not the SFT model's weights)
+        assert m["total_parameters"] == sft_m["total_parameters"]  # the reference copy is not counted
+    assert not (out / ppo.REFERENCE_ADAPTER).exists()
+    trained, started = load_file(str(out / "adapter_model.safetensors")), load_file(
+        str(sft_lora_dir / "adapter_model.safetensors"))
+    assert trained.keys() == started.keys()
+    assert any(not torch.equal(trained[k], started[k]) for k in trained), "the adapter did not train"
+
+    def merged_reference(source, policy, pc):  # the reference before the fix
+        ref = models.load_causal_lm(cfg, source, "full", pc.lora, models.load_tokenizer(cfg))
+        return ref.requires_grad_(False), None, "the starting (SFT) adapter merged into its base"
+
+    monkeypatch.setattr(ppo, "_reference", merged_reference)
+    with pytest.raises(PosttrainError, match=r"at the first rollout the policy's KL to the reference"):
+        ppo.run(config("merged"), base=str(sft_lora_dir), output=str(tmp_path / "merged" / "ppo"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume after a SIGKILL: the same metrics, bit for bit
 

@@ -7,6 +7,8 @@ real response tokens up to and including the end-of-turn token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -170,3 +172,19 @@ def template_suffix(tokenizer, eot_id: int) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     last = len(ids) - 1 - ids[::-1].index(eot_id)
     return ids[last + 1:]
+
+
+@contextmanager
+def as_reference(policy, adapter: str | None) -> Iterator[None]:
+    """A LoRA policy computing as its reference: with `adapter` (a frozen copy of the adapter it
+    started from) active in place of its own, or, without one, with its new adapter disabled."""
+    if adapter is None:
+        with policy.disable_adapter():
+            yield
+        return
+    trained = policy.active_adapter
+    policy.set_adapter(adapter, inference_mode=True)
+    try:
+        yield
+    finally:
+        policy.set_adapter(trained)  # active and trainable again (the reference copy stays frozen)
