@@ -173,9 +173,9 @@ def test_dpo_reference_modes(tmp_path):
 
 
 def test_full_training_in_bf16_counts_the_float32_master_weights(tmp_path):
-    """The TRL stages train full models on float32 master weights in bf16 (models.weights_dtype):
-    16 bytes a parameter, and DPO's frozen copy in float32; a LoRA base and PPO's policy stay bf16.
-    The estimate counts what the loader will load."""
+    """Full training keeps float32 master weights in bf16 (models.weights_dtype), in the TRL stages
+    and in PPO: 16 bytes a parameter, and the frozen reference copy in float32; a LoRA base stays
+    bf16. The estimate counts what the loader will load."""
     import torch
 
     from posttrain import models
@@ -193,7 +193,7 @@ def test_full_training_in_bf16_counts_the_float32_master_weights(tmp_path):
     assert models.weights_dtype(lora_cfg, "lora", master_weights=True) == torch.bfloat16
     assert lora.parts["policy"]["weights"] - n * 2 == memory.lora_parameters(lora.settings.arch, lora.settings.adapter) * 4
     ppo = memory.estimate_stage(config(d, "ppo", dtype="bfloat16", method="full"), "ppo", str(d), cuda=True)
-    assert ppo.parts["policy"]["weights"] == n * 2
+    assert ppo.parts["policy"]["weights"] == n * 4 and ppo.parts["reference"] == {"weights": n * 4}
 
 
 def test_an_adapter_start_reads_its_base_and_continues_the_adapter(tmp_path):

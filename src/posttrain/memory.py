@@ -9,9 +9,9 @@ What is counted, per model in memory (bytes):
   peft.prepare_model_for_kbit_training casts every non-4-bit parameter to fp32.
 - grads and optimizer, for trainable parameters only: torch's AdamW keeps both moments in the
   parameter's dtype (zeros_like) plus a 4-byte step counter per tensor. A full fine-tune in the TRL
-  stages keeps float32 master weights in bf16/fp16 too (models.weights_dtype: the trainer autocasts),
-  so it costs 16 bytes per parameter in any dtype, and DPO's frozen copy is float32 as well;
-  posttrain's PPO still trains weights in model.dtype (8 bytes in bf16). LoRA adapters are fp32
+  stages and in posttrain's PPO keeps float32 master weights in bf16/fp16 too (models.weights_dtype:
+  the forwards autocast), so it costs 16 bytes per parameter in any dtype, and the frozen copy DPO
+  and PPO keep as reference is float32 as well. LoRA adapters are fp32
   (PEFT upcasts adapters of 16-bit bases), except under QLoRA in the TRL stages, which cast them to bf16.
 - activations, what autograd keeps for backward (fitted to the tensors transformers 5.23's
   LlamaDecoderLayer with sdpa saves, measured with saved_tensors_hooks): per token and layer
@@ -251,8 +251,8 @@ def estimate(s: Settings) -> Estimate:
     la = 2 if s.method == "qlora" and s.stage != "ppo" else 4  # TRL casts QLoRA adapters to bf16
     a = 4 if s.method == "qlora" else s.act
     n = s.batch * (2 if s.stage in ("dpo", "reward") else 1)  # chosen and rejected in one forward
-    # full training in the TRL stages: float32 master weights (models.weights_dtype)
-    trained = 4 if s.method == "full" and s.stage != "ppo" else s.dtype
+    # full training: float32 master weights (models.weights_dtype), PPO's included
+    trained = 4 if s.method == "full" else s.dtype
     policy = _trained(arch, s.method, adapter, trained, la)
     policy["activations"] = _activations(arch, n, s.seq, a, adapter, la, s.mask, s.checkpointing, s.eager)
     if s.ptx:
@@ -263,7 +263,7 @@ def estimate(s: Settings) -> Estimate:
         ref = "model" if s.method == "full" else "adapter" if s.continues_adapter else None
     else:  # precomputed and adapter_disabled keep no reference; rloo/grpo: "copy" when beta > 0
         ref = None if s.reference != "copy" else "model" if s.method == "full" else "adapter"
-    if ref == "model":  # DPO's deep copy of the (master-weight) policy; PPO's loads in model.dtype
+    if ref == "model":  # a deep copy of the (master-weight) policy
         parts["reference"] = {"weights": arch.params * trained}
     elif ref == "adapter":  # a frozen copy of the adapter (TRL's "ref", PPO's "reference"); the base is shared
         parts["reference adapter"] = {"weights": lora_parameters(arch, s.adapter) * la}

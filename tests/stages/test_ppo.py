@@ -254,6 +254,50 @@ def test_lora_ppo_and_merge(ppo_config, sft_dir, tmp_path):
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
 
 
+def _moved(start_dir, out) -> tuple[float, float]:
+    """Share of the matrix weights that moved from the start (as the run stores them), mean |Δw|."""
+    start, trained = load_file(str(start_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    n = changed = 0
+    moved = 0.0
+    for k, w in start.items():
+        if w.dim() == 2:
+            t = trained[k]
+            n, changed = n + w.numel(), changed + int((t != w.to(t.dtype)).sum())
+            moved += float((t.float() - w.float()).abs().sum())
+    return changed / n, moved / n
+
+
+def test_full_ppo_in_bf16_keeps_every_update(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path, monkeypatch):
+    """Issue 16 item 2: full PPO in bf16 trained bf16 weights with plain AdamW, which drops every
+    update below a weight's rounding step: at lr 1e-5 most weights never move. It now trains float32
+    master weights with every policy and value forward under bf16 autocast (recorded), and moves
+    every weight as float32 does. Negative control: bf16 weights without autocast lose most updates."""
+    from posttrain import models
+
+    def run(dtype, tag):
+        raw = _raw(tiny_dir, demo_data, tmp_path / tag, ppo=_ppo(rm_dir, steps=3, learning_rate=1e-5))
+        raw["model"]["dtype"] = dtype
+        out = ppo.run(validate_dict(raw), base=str(sft_dir), output=str(tmp_path / tag / "ppo"))
+        return out, manifest.read(out)["metrics"]
+
+    out32, m32 = run("float32", "fp32")
+    out16, m16 = run("bfloat16", "bf16")
+    assert m32["precision"] == {"weights": "float32", "autocast": "no"}
+    assert m16["precision"] == {"weights": "float32", "autocast": "bfloat16"}
+    share32, dw32 = _moved(sft_dir, out32)
+    share16, dw16 = _moved(sft_dir, out16)
+    assert share32 > 0.99 and share16 > 0.99, (share32, share16)
+    assert 0.5 < dw16 / dw32 < 2.0, (dw16, dw32)
+    assert _logs(out16)[0]["kl"] == 0.0  # the reference (a copy of the master weights) computes as the policy
+
+    monkeypatch.setattr(models, "weights_dtype", lambda cfg, method, master_weights=False: torch.bfloat16)
+    monkeypatch.setattr(ppo, "_autocast_dtype", lambda cfg, pc: None)
+    out_lost, m_lost = run("bfloat16", "bf16-weights")
+    assert m_lost["precision"] == {"weights": "bfloat16", "autocast": "no"}
+    share, _ = _moved(sft_dir, out_lost)  # (the few weights that move jump a whole rounding step)
+    assert share < 0.5, share
+
+
 @pytest.fixture(scope="module")
 def sft_lora_dir(tiny_dir, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_sft_lora")

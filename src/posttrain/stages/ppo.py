@@ -85,7 +85,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         accelerator.init_trackers("ppo", config={k: v for k, v in pc.model_dump().items()
                                                  if isinstance(v, (int, float, str, bool))})
     estimate = common.check_memory(cfg, "ppo", source)
-    policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
+    policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok, master_weights=True)
     trainable, total = models.trainable_parameters(policy)  # before a reference adapter joins the policy
     reference, ref_adapter, ref_kind = _reference(source, policy, pc)
     reward_model = rewards.load_reward_model(rm_path)
@@ -105,7 +105,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         reference.to(accelerator.device)
     resident_mb = models.weights_mb(policy, reference, reward_model, value)  # the peak's rest: the loop's own
     loop = Loop(cfg, pc, accelerator, model, optimizer, reference, reward_model, tok, queries, out, ptx,
-                ref_adapter=ref_adapter)
+                ref_adapter=ref_adapter, autocast=_autocast_dtype(cfg, pc))
     if last_checkpoint:
         loop.load(last_checkpoint)
 
@@ -132,6 +132,9 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "weights_mb": round(resident_mb, 1),
         "processes": accelerator.num_processes,
         "distribution": processes,
+        # the trained weights' dtype (float32 master weights in a full bf16 run) and the forwards' autocast
+        "precision": {"weights": str(next(p for p in policy.parameters() if p.requires_grad).dtype).removeprefix(
+            "torch."), "autocast": str(loop.autocast).removeprefix("torch.") if loop.autocast else "no"},
         "memory_estimate_mb": common.estimate_mb(estimate),
         # one per rollout (generation and the scoring forwards) + each training pass (and its ptx batch)
         "train_sequences": pc.steps * pc.batch_size * accelerator.num_processes
@@ -163,6 +166,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         f"{metrics['update_s']:.1f} s",
         "generated tokens/s": metrics["rollout_tokens_per_s"],
         "processes": metrics["distribution"],
+        "precision": f"{metrics['precision']['weights']} weights, autocast {metrics['precision']['autocast']}",
         "wall time": f"{metrics['wall_time_s']:.1f} s",
         "peak memory": common.memory_line(metrics),
         "output": str(out),
@@ -215,6 +219,20 @@ def _reference(source: str, policy, pc: PPOStageConfig):
     return None, None, "the policy with its new LoRA adapter disabled"
 
 
+def _autocast_dtype(cfg: Config, pc: PPOStageConfig):
+    """Full PPO in bf16 trains float32 master weights (models.weights_dtype) and computes every
+    policy and value forward, rollout and update alike, under bf16 autocast: AdamW on bf16 weights
+    loses most updates (16% of the weights moved at lr 1e-5, issue 16). None (no autocast) otherwise:
+    LoRA/QLoRA keep model.dtype's base and float32 adapters; full float16 computes in float32 on its
+    master weights (fp16 autocast would need loss scaling, which this loop does not do).
+    Explicit torch.autocast, not Accelerator(mixed_precision=...): accelerate's state is one per
+    process, and the chain's earlier stages set it."""
+    import torch
+
+    dtype = models.torch_dtype(cfg.model.dtype)
+    return torch.bfloat16 if pc.method == "full" and dtype == torch.bfloat16 else None
+
+
 def _value_classifier(cfg: Config, path: str, pc: PPOStageConfig):
     """The value model starts as the reward model: trained in full, or through its own LoRA adapter
     (the score head trained in full) when the policy is LoRA/QLoRA."""
@@ -230,19 +248,31 @@ class Loop:
     """The PPO iterations, their checkpoints and their logs."""
 
     def __init__(self, cfg, pc: PPOStageConfig, accelerator, model, optimizer, reference, reward_model, tok,
-                 queries: list[list[int]], out: Path, ptx: list | None = None, ref_adapter: str | None = None):
+                 queries: list[list[int]], out: Path, ptx: list | None = None, ref_adapter: str | None = None,
+                 autocast=None):
         from posttrain.rl import core, rollout
 
         self.cfg, self.pc, self.acc = cfg, pc, accelerator
         self.model, self.optimizer, self.reference, self.reward_model = model, optimizer, reference, reward_model
         self.tok, self.queries, self.out, self.ptx = tok, queries, out, ptx
         self.ref_adapter = ref_adapter  # the policy's frozen copy of its starting adapter (_reference)
+        self.autocast = autocast  # the dtype every policy/value forward computes in, or None (_autocast_dtype)
         self.kl = core.KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
         self.suffix = rollout.template_suffix(tok.tokenizer, tok.eot_id)
         self.start, self.history, self.norm = 0, [], None
         self.best = (None, None)  # (checkpoint, its iteration's mean reward): kept by rotation
         self.first_ratio_checked = False
         self.rollout_s = self.update_s = self.generate_s = self.tokens = 0.0
+
+    def precision(self):
+        """The autocast context of every policy and value forward (a no-op without one)."""
+        import contextlib
+
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.acc.device.type, dtype=self.autocast)
 
     # -- data order: a permutation per pass over the prompts, from the seed alone (resumable)
     def prompts_for(self, it: int) -> list[list[int]]:
@@ -309,18 +339,20 @@ class Loop:
         # rollout: sample, then log-probs, reference log-probs, values and scores without gradients
         t0 = time.time()
         q, qm = rollout.left_pad(self.prompts_for(it), pad)
-        batch = rollout.sample(unwrapped.policy, q.to(acc.device), qm.to(acc.device), eot_id=eot, pad_id=pad,
-                               temperature=pc.temperature, top_p=pc.top_p, max_new_tokens=pc.max_new_tokens)
+        with self.precision():  # every policy forward in the same precision (_autocast_dtype)
+            batch = rollout.sample(unwrapped.policy, q.to(acc.device), qm.to(acc.device), eot_id=eot, pad_id=pad,
+                                   temperature=pc.temperature, top_p=pc.top_p, max_new_tokens=pc.max_new_tokens)
         mask = batch.mask.float()
         self.generate_s += time.time() - t0
         self.tokens += _mean(mask.sum(1), reduce) * pc.batch_size * acc.num_processes
         with torch.no_grad():
-            old_logp, entropy, old_values, _ = unwrapped(batch, pc.temperature)
-            if self.reference is not None:
-                ref_logp, _ = rollout.response_logprobs(self.reference, batch, pc.temperature)
-            else:
-                with rollout.as_reference(unwrapped.policy, self.ref_adapter):
-                    ref_logp, _ = rollout.response_logprobs(unwrapped.policy, batch, pc.temperature)
+            with self.precision():
+                old_logp, entropy, old_values, _ = unwrapped(batch, pc.temperature)
+                if self.reference is not None:
+                    ref_logp, _ = rollout.response_logprobs(self.reference, batch, pc.temperature)
+                else:
+                    with rollout.as_reference(unwrapped.policy, self.ref_adapter):
+                        ref_logp, _ = rollout.response_logprobs(unwrapped.policy, batch, pc.temperature)
             raw = torch.tensor(rewards.score_ids(self.reward_model, rollout.reward_sequences(batch, self.suffix), pad),
                                device=acc.device)
             scores = self.normalize(raw, reduce)
@@ -385,7 +417,8 @@ class Loop:
                 for m in range(start, start + pc.mini_batch_size, micro):
                     idx = order[m:m + micro]
                     sub, sm = batch.select(idx), mask[idx]
-                    logp, _, values, ptx_loss = self.model(sub, pc.temperature, self.ptx_batch(gen, len(idx)))
+                    with self.precision():
+                        logp, _, values, ptx_loss = self.model(sub, pc.temperature, self.ptx_batch(gen, len(idx)))
                     pg_loss, pg = core.policy_loss(logp, old_logp[idx], advantages[idx], sm, pc.cliprange, count)
                     vf_loss, vf = core.value_loss(values, old_values[idx], returns[idx], sm, pc.cliprange_value, count)
                     loss = pg_loss + pc.vf_coef * vf_loss
