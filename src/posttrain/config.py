@@ -243,6 +243,15 @@ class PPOStageConfig(RewardGate):
     kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL (Ziegler et al.): target KL per sequence.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon, in samples.")
     kl_cap: float | None = Field(20.0, gt=0.0, description="Stop when the mean KL per sequence passes this.")
+    negative_kl_stop: float | None = Field(
+        1.0, gt=0.0, description="Stop when the mean KL per sequence falls below minus this (nats): on the policy's "
+        "own samples the estimate is >= 0 in expectation, so the responses were not sampled from the distribution "
+        "PPO computes (None: never)."
+    )
+    min_entropy: float | None = Field(
+        1e-3, ge=0.0, description="Stop when the policy's mean entropy per response token falls below this (nats): "
+        "entropy collapse, sampling has become deterministic and PPO no longer explores (None: never)."
+    )
     missing_eot_penalty: float | None = Field(
         -1.0, description="Score given to responses that never emit the end-of-turn token (None: keep the score).")
     normalize_reward: bool = Field(False, description="Shift and scale scores to mean 0, std 1 on the first rollout "

@@ -571,6 +571,48 @@ def test_check_health_unit():
         _loop().check_health(3, {**stats, "entropy": float("inf")}, different)
 
 
+def test_negative_kl_and_entropy_collapse_stop_at_their_thresholds():
+    """Issue 16 item 7: a mean KL per response below -ppo.negative_kl_stop (the responses were not
+    sampled from the distribution PPO computes) and a mean entropy below ppo.min_entropy stop the
+    run; just inside either threshold does not, and None turns each off."""
+    stats = {"score": 1.0, "kl": 0.5, "entropy": 1.0, "explained_variance": 0.0}
+    different = [("What is 1 + 2?", "1 + 2 = 3", 1.0), ("What is 2 + 2?", "2 + 2 = 4", 1.0)]
+    _loop().check_health(3, {**stats, "kl": -0.99}, different)
+    with pytest.raises(PosttrainError, match=r"KL to the reference is -1\.01 nats per response at iteration 3, "
+                                             r"below -ppo\.negative_kl_stop -1\.0"):
+        _loop().check_health(3, {**stats, "kl": -1.01}, different)
+    _loop(negative_kl_stop=None).check_health(3, {**stats, "kl": -50.0}, different)
+    _loop().check_health(3, {**stats, "entropy": 1.01e-3}, different)
+    with pytest.raises(PosttrainError, match=r"entropy fell to 0\.00099 nats per token at iteration 3"):
+        _loop().check_health(3, {**stats, "entropy": 0.99e-3}, different)
+    _loop(min_entropy=None).check_health(3, {**stats, "entropy": 0.0}, different)
+
+
+def test_reward_model_padded_with_another_pad_id_is_refused(ppo_config, sft_dir, rm_dir, tmp_path):
+    """Issue 16 item 7: a reward model whose config's pad_token_id is not the pad id its inputs are
+    padded with would read every right-padded score at a pad position: PPO refuses it before
+    training. The reward stage's own output (ids agree) passes the same check."""
+    from transformers import AutoTokenizer
+
+    from posttrain.rl import rewards
+
+    pad = AutoTokenizer.from_pretrained(str(rm_dir)).pad_token_id
+    model = rewards.load_reward_model(str(rm_dir))
+    rewards.check_pad(model, pad, str(rm_dir), "ppo")
+    with pytest.raises(PosttrainError, match=rf"reads its score at the last token that is not pad_token_id {pad} "
+                                             rf".* padded with {pad + 1}"):
+        rewards.check_pad(model, pad + 1, str(rm_dir), "ppo")
+
+    broken = tmp_path / "rm"
+    shutil.copytree(rm_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["pad_token_id"] = pad + 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PosttrainError, match=rf"ppo: reward model '{broken}' reads its score .* padded with {pad}"):
+        ppo.run(ppo_config(reward_model=str(broken)), base=str(sft_dir), output=str(tmp_path / "ppo"))
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Rollout helpers
 

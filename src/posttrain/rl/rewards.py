@@ -174,6 +174,18 @@ def check_head_saved(path: str | Path) -> None:
                                  "with a random head", fix="keep score in lora.modules_to_save and retrain")
 
 
+def check_pad(model, pad_id: int, path: str, stage: str) -> None:
+    """The reward model reads its score at the last token that is not its config's pad_token_id, and
+    score_ids pads its inputs with `pad_id` (the tokenizer's): if the two differ, every right-padded
+    score is read at a pad position."""
+    if model.config.pad_token_id != pad_id:
+        raise PosttrainError(
+            f"{stage}: reward model '{path}' reads its score at the last token that is not pad_token_id "
+            f"{model.config.pad_token_id} (its config), but its inputs are padded with {pad_id} (the tokenizer's pad "
+            "token): the scores of padded sequences would be read at a pad position",
+            fix=f"set \"pad_token_id\": {pad_id} in the reward model's config.json")
+
+
 def score_ids(model, sequences: list[list[int]], pad_id: int, *, batch_size: int = 32,
               padding_side: str = "right") -> list[float]:
     """The reward model's score of each token sequence, read at its last real token."""

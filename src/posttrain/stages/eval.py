@@ -389,6 +389,7 @@ def _load_judge(cfg: Config, rm_path: str, tok: models.TokenizerInfo, device):
 
     rewards.check_same_tokenizer(tok, rm_path, "eval")
     rm = rewards.load_reward_model(rm_path).to(device)
+    rewards.check_pad(rm, tok.tokenizer.pad_token_id, rm_path, "eval")
     suffix = rollout.template_suffix(tok.tokenizer, tok.eot_id)
 
     def judge(gens: list[dict]) -> dict:

@@ -89,6 +89,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     trainable, total = models.trainable_parameters(policy)  # before a reference adapter joins the policy
     reference, ref_adapter, ref_kind = _reference(source, policy, pc)
     reward_model = rewards.load_reward_model(rm_path)
+    rewards.check_pad(reward_model, tok.tokenizer.pad_token_id, rm_path, "ppo")
     if not getattr(reward_model, "is_loaded_in_4bit", False):  # a QLoRA reward model is placed at load
         reward_model.to(accelerator.device)
     value = rollout.ValueModel(_value_classifier(cfg, value_path, pc))
@@ -498,6 +499,17 @@ class Loop:
                 f"KL to the reference reached {stats['kl']:.2f} nats per response at iteration {it}, over "
                 f"ppo.kl_cap {self.pc.kl_cap}: the policy is running away from the starting model",
                 fix="raise ppo.kl_coef (or set ppo.kl_target), lower ppo.learning_rate, or raise ppo.kl_cap")
+        if self.pc.negative_kl_stop is not None and stats["kl"] < -self.pc.negative_kl_stop:
+            raise PosttrainError(
+                f"KL to the reference is {stats['kl']:.2f} nats per response at iteration {it}, below "
+                f"-ppo.negative_kl_stop -{self.pc.negative_kl_stop}: estimated on the policy's own samples it cannot "
+                "be negative beyond noise, so the responses were not sampled from the distribution PPO computes",
+                fix="report this as a bug (sampling settings leaking into generation, or a reference on other inputs)")
+        if self.pc.min_entropy is not None and stats["entropy"] < self.pc.min_entropy:
+            raise PosttrainError(
+                f"the policy's entropy fell to {stats['entropy']:.2g} nats per token at iteration {it}, below "
+                f"ppo.min_entropy {self.pc.min_entropy}: sampling has become deterministic (entropy collapse)",
+                fix="raise ppo.kl_coef or lower ppo.learning_rate; check the reward model for a trivial optimum")
         if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
             bad = [k for k, v in stats.items() if not math.isfinite(v) and k != "explained_variance"]
             raise PosttrainError(f"PPO statistics became NaN/inf at iteration {it}: {', '.join(bad)}",
