@@ -118,6 +118,22 @@ def make_config(tiny_dir, demo_data, tmp_path):
     return build
 
 
+def weights_moved(start_dir, out_dir) -> tuple[float, float]:
+    """Share of the matrix weights in out_dir/model.safetensors that moved from start_dir's (the start
+    as the run stores it: rounded to the saved dtype), and their mean |Δw|."""
+    from safetensors.torch import load_file
+
+    start, trained = load_file(str(start_dir / "model.safetensors")), load_file(str(out_dir / "model.safetensors"))
+    n = changed = 0
+    moved = 0.0
+    for k, w in start.items():
+        if w.dim() == 2:
+            t = trained[k]
+            n, changed = n + w.numel(), changed + int((t != w.to(t.dtype)).sum())
+            moved += float((t.float() - w.float()).abs().sum())
+    return changed / n, moved / n
+
+
 def read_losses(stage_dir) -> dict[int, float]:
     """Training losses by step from a stage's metrics.jsonl."""
     out = {}

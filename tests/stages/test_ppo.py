@@ -35,7 +35,7 @@ from posttrain.config import PPOStageConfig, validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import rollout
 from posttrain.stages import merge, ppo, reward, sft
-from tests.conftest import finished_checkpoints, tensorboard_scalars
+from tests.conftest import finished_checkpoints, tensorboard_scalars, weights_moved
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -254,19 +254,6 @@ def test_lora_ppo_and_merge(ppo_config, sft_dir, tmp_path):
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
 
 
-def _moved(start_dir, out) -> tuple[float, float]:
-    """Share of the matrix weights that moved from the start (as the run stores them), mean |Δw|."""
-    start, trained = load_file(str(start_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    n = changed = 0
-    moved = 0.0
-    for k, w in start.items():
-        if w.dim() == 2:
-            t = trained[k]
-            n, changed = n + w.numel(), changed + int((t != w.to(t.dtype)).sum())
-            moved += float((t.float() - w.float()).abs().sum())
-    return changed / n, moved / n
-
-
 def test_full_ppo_in_bf16_keeps_every_update(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path, monkeypatch):
     """Issue 16 item 2: full PPO in bf16 trained bf16 weights with plain AdamW, which drops every
     update below a weight's rounding step: at lr 1e-5 most weights never move. It now trains float32
@@ -284,8 +271,8 @@ def test_full_ppo_in_bf16_keeps_every_update(tiny_dir, demo_data, sft_dir, rm_di
     out16, m16 = run("bfloat16", "bf16")
     assert m32["precision"] == {"weights": "float32", "autocast": "no"}
     assert m16["precision"] == {"weights": "float32", "autocast": "bfloat16"}
-    share32, dw32 = _moved(sft_dir, out32)
-    share16, dw16 = _moved(sft_dir, out16)
+    share32, dw32 = weights_moved(sft_dir, out32)
+    share16, dw16 = weights_moved(sft_dir, out16)
     assert share32 > 0.99 and share16 > 0.99, (share32, share16)
     assert 0.5 < dw16 / dw32 < 2.0, (dw16, dw32)
     assert _logs(out16)[0]["kl"] == 0.0  # the reference (a copy of the master weights) computes as the policy
@@ -294,7 +281,7 @@ def test_full_ppo_in_bf16_keeps_every_update(tiny_dir, demo_data, sft_dir, rm_di
     monkeypatch.setattr(ppo, "_autocast_dtype", lambda cfg, pc: None)
     out_lost, m_lost = run("bfloat16", "bf16-weights")
     assert m_lost["precision"] == {"weights": "bfloat16", "autocast": "no"}
-    share, _ = _moved(sft_dir, out_lost)  # (the few weights that move jump a whole rounding step)
+    share, _ = weights_moved(sft_dir, out_lost)  # (the few weights that move jump a whole rounding step)
     assert share < 0.5, share
 
 

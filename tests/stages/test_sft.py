@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from posttrain import manifest
 from posttrain.errors import PosttrainError
 from posttrain.stages import sft
-from tests.conftest import read_losses, tensorboard_scalars
+from tests.conftest import read_losses, tensorboard_scalars, weights_moved
 
 
 def _generate(model, tok) -> list[int]:
@@ -202,18 +202,10 @@ def _full_sft_at_low_lr(make_config, tiny_dir, tmp_path, dtype: str, tag: str) -
     run stores it), by how much, the logged losses and the precision the trainer ran in."""
     cfg = make_config(model__dtype=dtype, sft__training__learning_rate=1e-5)
     out = sft.run(cfg, output=str(tmp_path / tag))
-    before, after = load_file(str(tiny_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    n = changed = 0
-    moved = 0.0
-    for k, w in before.items():
-        if w.dim() == 2:
-            a = after[k]
-            n += w.numel()
-            changed += int((a != w.to(a.dtype)).sum())
-            moved += float((a.float() - w.float()).abs().sum())
-    m = manifest.read(out)
-    return {"share": changed / n, "mean_dw": moved / n, "losses": list(read_losses(out).values()),
-            "speed": m["metrics"]["speed"], "saved": next(iter(after.values())).dtype}
+    share, mean_dw = weights_moved(tiny_dir, out)
+    saved = next(iter(load_file(str(out / "model.safetensors")).values())).dtype
+    return {"share": share, "mean_dw": mean_dw, "losses": list(read_losses(out).values()),
+            "speed": manifest.read(out)["metrics"]["speed"], "saved": saved}
 
 
 def test_full_sft_in_bf16_keeps_every_update(make_config, tiny_dir, tmp_path, monkeypatch):
