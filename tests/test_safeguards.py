@@ -208,13 +208,13 @@ def _ppo_cfg(tiny_dir, demo_data, root, rm):
 def test_ppo_wrong_reference_is_caught_at_the_first_rollout(tiny_dir, demo_data, small_rm, tmp_path, monkeypatch):
     from posttrain.stages import ppo
 
-    def other_model(cfg, source, policy, pc, tok):
+    def other_model(source, policy, pc):
         ref = copy.deepcopy(policy).requires_grad_(False)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in ref.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-        return ref, "not the starting policy"
+        return ref, None, "not the starting policy"
 
     monkeypatch.setattr(ppo, "_reference", other_model)
     updates = []

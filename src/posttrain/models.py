@@ -240,7 +240,7 @@ def _adapter_and_base(cfg: Config, source: str) -> tuple[str | None, str]:
 
 
 def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
-                   *, wrap: bool = True, master_weights: bool = False):
+                   *, wrap: bool = True):
     """Load the model for training: full weights, LoRA, or 4-bit QLoRA. Returns the (PEFT) model.
 
     `source` may be a LoRA adapter directory (an SFT stage trained with LoRA). Then the starting
@@ -248,14 +248,13 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
     trainable (training continues that adapter) for lora/qlora. Either way training starts from
     the adapter's weights, never from the bare base. With `wrap=False` a new LoRA adapter is not
     applied (the caller hands `lora_config(...)` to the trainer instead); QLoRA's k-bit preparation
-    is done either way. `master_weights`: full training in bf16/fp16 loads float32 weights, for a
-    trainer that computes in the half dtype under autocast (see `weights_dtype`).
+    is done either way. Full training in bf16/fp16 loads float32 master weights (`weights_dtype`).
     """
     from transformers import AutoModelForCausalLM
 
     adapter, source = _adapter_and_base(cfg, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method, master_weights=master_weights))
+        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method, master_weights=True))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
 
@@ -278,8 +277,9 @@ def weights_dtype(cfg: Config, method: str, *, master_weights: bool = False):
     """The dtype a model's weights load in. model.dtype, except for full training with
     `master_weights` in bf16/fp16: then float32, and the trainer computes in the half dtype under
     autocast (trainer_precision). AdamW on bf16 weights loses the updates that are smaller than a
-    weight's rounding step (2^-8 of its size): full SFT of the demo model at lr 1e-5 changed 14.5% of
-    its matrix weights in 30 steps, against all of them in float32 (docs/benchmarks.md). LoRA and
+    weight's rounding step (2^-8 of its size): full SFT of the demo model at lr 1e-5 changed 15.5% of
+    its matrix weights in 30 steps, against all of them in float32 (docs/benchmarks.md). Inference
+    loads (eval) keep model.dtype: `master_weights` is for the training loaders. LoRA and
     QLoRA train float32 adapters on a frozen base, which keeps model.dtype."""
     import torch
 
@@ -353,8 +353,7 @@ def attention(cfg: Config) -> str | None:
     return None
 
 
-def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo,
-                             *, master_weights: bool = False):
+def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
     """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
     head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
     adapter, safeguard #21) or QLoRA.
@@ -371,7 +370,7 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
     adapter, source = _adapter_and_base(cfg, source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, **_load_kwargs(cfg, method, master_weights=master_weights))
+            source, num_labels=1, **_load_kwargs(cfg, method, master_weights=True))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]

@@ -104,7 +104,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     # plus peft_config would make "adapter disabled" the reference, which for a continued adapter
     # is the pre-SFT base (and TRL refuses a PeftModel together with a peft_config).
     common.seed(cfg)
-    model = models.load_causal_lm(cfg, source, section.method, section.lora, tok, wrap=True, master_weights=True)
+    model = models.load_causal_lm(cfg, source, section.method, section.lora, tok, wrap=True)
     trainable, total = models.trainable_parameters(model)  # before TRL adds its reference adapter
     reward_funcs, reward_tokenizers = load_rewards(sources)
     guard = reward_aware_guard(model)

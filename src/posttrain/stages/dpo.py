@@ -74,7 +74,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     disabled = dc.reference == "adapter_disabled"
     estimate = common.check_memory(cfg, "dpo", source)
     common.seed(cfg)
-    model = models.load_causal_lm(cfg, source, dc.method, dc.lora, tok, wrap=not disabled, master_weights=True)
+    model = models.load_causal_lm(cfg, source, dc.method, dc.lora, tok, wrap=not disabled)
     peft_config = models.lora_config(model, dc.lora, train_embeddings=bool(tok.added_tokens)) if disabled else None
     ref_model, reference = reference_model(model, dc.method, dc.reference, continues_adapter)
     kwargs = common.trainer_kwargs(cfg, "dpo", out, has_eval=eval_ds is not None, estimate=estimate)

@@ -66,7 +66,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     common.start_output(out, key, resume=resume)
     estimate = common.check_memory(cfg, "reward", source)
     common.seed(cfg)
-    model = models.load_sequence_classifier(cfg, source, rc.method, rc.lora, tok, master_weights=True)
+    model = models.load_sequence_classifier(cfg, source, rc.method, rc.lora, tok)
     trainable, total = models.trainable_parameters(model)
     args = RewardConfig(**common.trainer_kwargs(cfg, "reward", out, has_eval=eval_ds is not None, estimate=estimate))
     trainer = RewardTrainer(

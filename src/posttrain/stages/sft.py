@@ -46,7 +46,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     common.start_output(out, key, resume=resume)
     estimate = common.check_memory(cfg, "sft", source)
     common.seed(cfg)
-    model = models.load_causal_lm(cfg, source, sc.method, sc.lora, tok, master_weights=True)
+    model = models.load_causal_lm(cfg, source, sc.method, sc.lora, tok)
     trainable, total = models.trainable_parameters(model)
     kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=eval_ds is not None, estimate=estimate)
     kwargs["assistant_only_loss"] = sc.assistant_only_loss
