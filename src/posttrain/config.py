@@ -293,6 +293,12 @@ class OnlineStageConfig(StageConfig, RewardGate):
         default_factory=lambda: [RewardSource()], min_length=1,
         description="Rewards, summed with their weights. Default: this config's reward stage.",
     )
+    missing_eot_penalty: float | None = Field(
+        -1.0, description="Score each reward gives a completion that never emits the end-of-turn token (cut at "
+        "max_completion_length), as ppo.missing_eot_penalty; the weighted total is this × the sum of the weights "
+        "(of the rewards that score it: an abstention stays one). "
+        "None: keep the rewards' scores (TRL renders such a completion with its turn closed, so a reward model "
+        "scores it as a finished answer).")
     allow_template_mismatch: bool = False
 
 

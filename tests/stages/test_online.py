@@ -9,7 +9,9 @@ under QLoRA (TRL casts only the trainable copy to bf16). Steps where every group
 not mistaken for broken gradients; sampling must stop at the end-of-turn token; resume continues.
 Before any weights load: a weak reward model is refused unless allowed, one with another tokenizer
 is refused, an unknown function is refused. A reward function that raises or returns the wrong
-thing stops training with an error naming it.
+thing stops training with an error naming it. A completion cut at max_completion_length (no
+end-of-turn token), which TRL renders with its turn closed and scores as finished, scores
+missing_eot_penalty with every reward, as in PPO; one that ended scores as before.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def _assert_weighted_total(out, weights: dict[str, float]) -> None:
 
 
 def test_grpo_with_reward_functions(tiny_dir, demo_data, tmp_path):
-    """An installed function and one from a .py file next to the config file."""
+    """An installed function and one from a .py file next to the config file. missing_eot_penalty is off:
+    the random policy's completions mostly run to the length limit, and the scores shown are the functions'."""
     from transformers import AutoModelForCausalLM
 
     (tmp_path / "my_rewards.py").write_text(LENGTH_REWARD)
@@ -142,7 +145,7 @@ def test_grpo_with_reward_functions(tiny_dir, demo_data, tmp_path):
         "stages": ["grpo"],
         "grpo": {"rewards": [{"function": "posttrain.demo:exact_reward"},
                              {"function": "my_rewards:length_reward", "weight": 0.5}],
-                 "training": _training(steps=3)},
+                 "missing_eot_penalty": None, "training": _training(steps=3)},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "config.yaml")
@@ -182,7 +185,8 @@ def test_reward_model_full_from_merged_adapter(stage, make_config, reward_dir, s
     reference must be that merged model (TRL would reload the pre-SFT base from the config path):
     the KL at the first step is 0."""
     training = _training(steps=2, beta=0.1)
-    cfg = make_config(**{f"{stage}__rewards": [{"model": str(reward_dir)}], f"{stage}__training": training})
+    cfg = make_config(**{f"{stage}__rewards": [{"model": str(reward_dir)}], f"{stage}__training": training,
+                         f"{stage}__missing_eot_penalty": None})  # the random policy's completions get cut
     out = {"grpo": grpo, "rloo": rloo}[stage].run(cfg, base=str(sft_adapter), output=str(tmp_path / stage))
 
     m = manifest.read(out)
@@ -236,7 +240,8 @@ def test_grpo_lora_with_weighted_model_and_function(method, make_config, reward_
 def test_groups_that_all_score_alike_are_not_a_stuck_run(make_config, tiny_dir, tmp_path):
     """A random policy never gets a sum right: every group scores 0, all advantages are 0 and nothing
     moves. That is no learning signal, not broken gradients: the run finishes (and says so)."""
-    cfg = make_config(grpo__rewards=[{"function": "posttrain.demo:exact_reward"}], grpo__training=_training())
+    cfg = make_config(grpo__rewards=[{"function": "posttrain.demo:exact_reward"}], grpo__training=_training(),
+                      grpo__missing_eot_penalty=None)  # else a group whose completions end differently differs
     out = grpo.run(cfg, base=str(tiny_dir), output=str(tmp_path / "grpo"))
     metrics = manifest.read(out)["metrics"]
     assert metrics["steps"] == 2 and metrics["score_last"] == 0.0 and metrics["frac_reward_zero_std_last"] == 1.0
@@ -387,3 +392,98 @@ def test_reward_model_reads_what_it_was_trained_on(reward_dir):
     trained = _tokenize(tok, conversation)["input_ids"]
     assert scored == trained
     assert tok.convert_ids_to_tokens(scored)[-2:] == ["<|im_end|>", "Ċ"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Completions cut at max_completion_length
+
+PROBE_REWARD = """
+import json
+
+def ended(prompts, completions, completion_ids, **kwargs):
+    \"\"\"1.0 for every completion; records which completions emitted the end-of-turn token.\"\"\"
+    with open({log!r}, "a") as f:
+        f.write(json.dumps([{eot} in ids for ids in completion_ids]) + "\\n")
+    return [1.0] * len(completions)
+"""
+
+
+def test_trl_renders_a_cut_completion_as_finished(reward_dir):
+    """The bug's mechanism: TRL decodes a completion (special tokens dropped) and renders prompt +
+    completion with the reward model's template, which closes the turn. A completion cut before its
+    end-of-turn token and one that emitted it are the same text to the reward model."""
+    from transformers import AutoTokenizer
+    from trl.data_utils import apply_chat_template
+
+    tok = AutoTokenizer.from_pretrained(str(reward_dir))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    words = tok("12 + 34 = 46", add_special_tokens=False)["input_ids"]
+    prompt = [{"role": "user", "content": "What is 12 + 34?"}]
+    cut, ended = words[:-1], words[:-1] + [eot]
+
+    def rendered(ids):  # GRPOTrainer._generate + _calculate_rewards, for a conversational prompt
+        completion = [{"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)}]
+        return apply_chat_template({"messages": prompt + completion}, tok)["text"]
+
+    assert rendered(cut) == rendered(ended)
+    assert rendered(cut).endswith("<|im_end|>\n"), "the cut completion's turn is closed by the template"
+    assert not online.ended_flags([cut], eot)[0] and online.ended_flags([ended], eot)[0]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_cut_completions_score_the_missing_eot_penalty(stage, make_config, reward_dir, tiny_dir, tmp_path, monkeypatch):
+    """A reward model and a function that gives every completion 1.0; the end-of-turn token is made
+    likely, so a step has completions that ended and completions cut at 8 tokens. Every reward gives
+    the cut ones the penalty (before the fix: the reward model's score of the closed turn, and
+    1.0), the ones that ended keep their scores exactly, and TRL logs the penalised scores."""
+    eot = _tokenizer(tiny_dir).eot_id
+    log = tmp_path / "ended.jsonl"
+    (tmp_path / "probe.py").write_text(PROBE_REWARD.format(log=str(log), eot=eot))
+    seen = []
+    penalize = online.missing_eot_scores
+
+    def recording(scores, ended, penalty):
+        out = penalize(scores, ended, penalty)
+        seen.append((scores.clone(), ended.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(online, "missing_eot_scores", recording)
+    training = _training(steps=2, generation_kwargs={"sequence_bias": [[[eot], 4.0]]})
+    cfg = make_config(**{f"{stage}__rewards": [{"model": str(reward_dir)}, {"function": "probe:ended", "weight": 0.5}],
+                         f"{stage}__missing_eot_penalty": -3.0, f"{stage}__training": training})
+    cfg._source_dir = str(tmp_path)
+    out = {"grpo": grpo, "rloo": rloo}[stage].run(cfg, base=str(tiny_dir), output=str(tmp_path / stage))
+
+    flags = [json.loads(line) for line in log.read_text().splitlines()]  # one scoring per step
+    ended = torch.tensor(sum(flags, []))
+    assert ended.any() and not ended.all(), f"need both kinds of completion: {ended.tolist()}"
+    logs = _train_logs(out)
+    assert len(logs) == len(flags) == 2
+    for step, f in zip(logs, flags, strict=True):  # before the fix: 1.0, a cut completion scored as finished
+        assert step["rewards/ended/mean"] == pytest.approx(sum(1.0 if e else -3.0 for e in f) / len(f), abs=1e-6)
+
+    assert len(seen) == 2, "each step's scores went through the penalty"
+    before, after = torch.cat([s for s, _, _ in seen]), torch.cat([o for _, _, o in seen])
+    assert torch.equal(torch.cat([e for _, e, _ in seen]), ended), "ended = end-of-turn among the completion ids"
+    assert torch.equal(after[ended], before[ended]), "completions that ended are scored exactly as before"
+    assert (after[~ended] == -3.0).all() and (before[~ended, 1] == 1.0).all()
+    for step, (_, _, o) in zip(logs, seen, strict=True):  # what TRL logs (and computes advantages from)
+        assert step["rewards/reward/mean"] == pytest.approx(o[:, 0].mean().item(), abs=1e-5)
+        assert step["reward"] == pytest.approx((o[:, 0] + 0.5 * o[:, 1]).mean().item(), abs=1e-5)
+
+
+def test_missing_eot_penalty_off_and_default():
+    """null keeps TRL's trainer (and its scores); the default is PPO's; an abstention stays one."""
+    from trl import RLOOTrainer
+
+    from posttrain.config import validate_dict
+
+    assert online.penalizing_missing_eot(RLOOTrainer, 5, None) is RLOOTrainer
+    sub = online.penalizing_missing_eot(RLOOTrainer, 5, -1.0)
+    assert issubclass(sub, RLOOTrainer) and sub.__name__ == "RLOOTrainer"
+    cfg = validate_dict({"model": {"name_or_path": "x"}, "stages": []})
+    assert cfg.grpo.missing_eot_penalty == cfg.rloo.missing_eot_penalty == cfg.ppo.missing_eot_penalty == -1.0
+    scores = torch.tensor([[0.25, float("nan")], [0.5, 2.0], [float("nan"), float("nan")]])
+    got = online.missing_eot_scores(scores, online.ended_flags([[3, 5], [3, 4], [4]], 5), -1.0)
+    assert torch.equal(got[0, :1], scores[0, :1]) and got[0, 1].isnan()
+    assert got[1].tolist() == [-1.0, -1.0] and got[2].isnan().all()

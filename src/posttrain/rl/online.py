@@ -12,7 +12,8 @@ Reads top to bottom:
  4. the policy and its reference: TRL keeps a frozen copy of the starting adapter (LoRA/QLoRA;
     a new adapter starts at zero, so that is the starting model), or of the starting model
     (full: the model in memory, not TRL's reload from the config's path); generation stops at the
-    end-of-turn token;
+    end-of-turn token; a completion cut at max_completion_length before it scores
+    `<stage>.missing_eot_penalty` (TRL would render it with its turn closed and score it as finished);
  5. train with alarms on NaN and on nothing moving (a step where every group scored alike has no
     signal by design and is not an alarm); save, re-open, check; manifest last, with the mean
     reward at the first and last logged step, the KL and each reward's mean.
@@ -108,8 +109,9 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     trainable, total = models.trainable_parameters(model)  # before TRL adds its reference adapter
     reward_funcs, reward_tokenizers = load_rewards(sources)
     guard = reward_aware_guard(model)
+    scoring_cls = penalizing_missing_eot(trainer_cls, tok.eot_id, section.missing_eot_penalty)
     with _reference_is_starting_model(trainer_cls, model, enabled=section.method == "full" and args.beta != 0.0):
-        trainer = trainer_cls(
+        trainer = scoring_cls(
             model=model,
             reward_funcs=reward_funcs,
             args=args,
@@ -176,6 +178,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         "KL to reference (last)": metrics["kl_last"] if metrics["kl_last"] is not None else "not computed (beta 0)",
         "groups with equal rewards (last)": metrics["frac_reward_zero_std_last"],
         "completions cut at max length (last)": metrics["clipped_ratio_last"],
+        "  scored as": _missing_eot_line(section.missing_eot_penalty, stage),
         "final train loss": metrics["train_loss_final"],
         "speed settings": metrics["speed"],
         "wall time": f"{metrics['wall_time_s']:.1f} s",
@@ -379,6 +382,62 @@ def check_stops_at_end_of_turn(trainer, args, tok: models.TokenizerInfo, stage: 
             "to the length limit",
             fix=f"remove eos_token_id from {stage}.training.generation_kwargs",
         )
+
+
+def penalizing_missing_eot(trainer_cls, eot_id: int, penalty: float | None):
+    """`trainer_cls` whose rewards give `penalty` to every completion without the end-of-turn token,
+    posttrain PPO's `missing_eot_penalty` for TRL's trainers (None: `trainer_cls` itself).
+
+    Why: TRL decodes a completion cut at max_completion_length and, for a reward model, renders
+    prompt + completion through the chat template, which closes the turn; reward functions get the
+    decoded text, which looks the same. So an answer cut mid-way is scored as a finished one, and
+    the policy is never told that running on to the limit is wrong.
+
+    Why a penalty rather than TRL's `mask_truncated_completions` (still available under
+    `<stage>.training`): in TRL 1.16 that only drops the cut completions from the loss; their
+    finished-looking scores still enter their group's mean and std (GRPO) or leave-one-out baseline
+    (RLOO), so every sibling's advantage is still measured against them, and nothing teaches the
+    policy to end its turn. The penalty replaces the score before the advantages are computed, as
+    PPO does. Every reward that scores the completion gives it (the weighted total is penalty × the
+    sum of their weights), so per-reward logs show it too; a completion that did end is scored
+    exactly as before.
+    "Ended" is PPO's: the end-of-turn id among the completion's ids (TRL's clipped_ratio also counts
+    a stop on the plain eos token, or on padding, as ended)."""
+    if penalty is None:
+        return trainer_cls
+
+    class PenalizingTrainer(trainer_cls):
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            scores = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            ended = ended_flags(completion_ids_list, eot_id, scores.device)
+            ended = self.accelerator.gather(ended.long()).bool()  # TRL's scores are gathered across processes
+            return missing_eot_scores(scores, ended, penalty)
+
+    PenalizingTrainer.__name__ = PenalizingTrainer.__qualname__ = trainer_cls.__name__
+    return PenalizingTrainer
+
+
+def ended_flags(completion_ids: list[list[int]], eot_id: int, device=None):
+    """[B] bool: the completion emitted the end-of-turn token (TRL keeps ids up to the first stop)."""
+    import torch
+
+    return torch.tensor([eot_id in ids for ids in completion_ids], dtype=torch.bool, device=device)
+
+
+def missing_eot_scores(scores, ended, penalty: float):
+    """TRL's rewards_per_func [B, rewards] with every score of a completion that did not end set to
+    `penalty`; ended rows are untouched. An abstention (NaN: a function that does not judge this
+    prompt) stays one, so the penalty is on the scale of the rewards that score the completion's siblings."""
+    import torch
+
+    keep = ended[:, None] | scores.isnan()
+    return torch.where(keep, scores, torch.full_like(scores, penalty))
+
+
+def _missing_eot_line(penalty: float | None, stage: str) -> str:
+    if penalty is None:
+        return f"as if finished ({stage}.missing_eot_penalty is null)"
+    return f"{penalty:g} by every reward ({stage}.missing_eot_penalty)"
 
 
 def reward_aware_guard(model):
