@@ -25,9 +25,14 @@ class Batch:
     responses: torch.Tensor
     mask: torch.Tensor
     ended: torch.Tensor  # [B] bool: the response emitted the end-of-turn token
+    # [B, Lr] log-prob of each sampled token under the distribution generate() sampled it from
+    # (SampledLogprobs), or None (greedy, or a batch built without sampling)
+    sampled_logp: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> Batch:
-        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx])
+        picked = None if self.sampled_logp is None else self.sampled_logp[idx]
+        return Batch(self.queries[idx], self.query_mask[idx], self.responses[idx], self.mask[idx], self.ended[idx],
+                     picked)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,22 +56,68 @@ def cut_at_end_of_turn(generated: torch.Tensor, eot_id: int, pad_id: int) -> tup
     return torch.where(mask.bool(), generated, torch.full_like(generated, pad_id)), mask, ended
 
 
+class SampledLogprobs:
+    """A logits processor for generate() that records the log-prob of each sampled token under the
+    distribution it was sampled from: the log-softmax of the scores after every processor before
+    it, read at the next step (when the token is in input_ids) and, for the last token, by `finish`.
+
+    PPO computes log π(token) from a forward pass at the sampling temperature; generate() samples
+    from whatever its processors make of the logits. They must be the same distribution, or every
+    ratio and KL is of another policy: a repetition_penalty of 1.05 left in a checkpoint's
+    generation_config.json moves the sampled tokens' log-probs by up to 0.19 nats (SmolLM2), and
+    no_repeat_ngram_size, bad words or suppressed tokens renormalise the rest. `sample` places this
+    processor after the temperature and before top-p, whose truncation PPO deliberately leaves out
+    of its log-probs (as the reference implementations do), so without a leak the two agree to
+    rounding. One step of [B, vocabulary] log-probs is held at a time."""
+
+    def __init__(self, prompt_width: int):
+        self.prompt_width, self.last, self.picked = prompt_width, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids)
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, ids: torch.Tensor) -> None:
+        if self.last is not None and ids.shape[1] > self.prompt_width:
+            self.picked.append(self.last.gather(1, ids[:, -1:]).squeeze(1))
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, generated] log-probs, given generate()'s output (whose last token has no next step)."""
+        self._take(sequences)
+        self.last = None
+        return torch.stack(self.picked, 1)
+
+
 @torch.no_grad()
 def sample(policy, queries: torch.Tensor, query_mask: torch.Tensor, *, eot_id: int, pad_id: int,
            temperature: float, top_p: float, max_new_tokens: int) -> Batch:
-    """Responses to left-padded queries, cut at the end-of-turn token; greedy when temperature is 0."""
-    decoding = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    """Responses to left-padded queries, cut at the end-of-turn token; greedy when temperature is 0.
+    Sampling records each token's log-prob under the distribution it was drawn from (SampledLogprobs):
+    temperature and top-p are applied as processors around that record, so generate() itself adds none."""
+    recorder = None
+    if temperature > 0:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        recorder = SampledLogprobs(queries.shape[1])
+        warpers = [TemperatureLogitsWarper(temperature), recorder] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        decoding = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                    "logits_processor": LogitsProcessorList(warpers)}
+    else:
+        decoding = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with models.own_sampling(policy):  # none of the checkpoint's generation_config.json sampling settings
         out = policy.generate(
             input_ids=queries, attention_mask=query_mask, **decoding,
             max_new_tokens=max_new_tokens, eos_token_id=eot_id, pad_token_id=pad_id, use_cache=True,
         )
     generated = out[:, queries.shape[1]:]
+    sampled_logp = recorder.finish(out) if recorder is not None and generated.shape[1] > 0 else None
     if generated.shape[1] == 0:
         generated = torch.full((queries.shape[0], 1), pad_id, dtype=torch.long, device=queries.device)
     responses, mask, ended = cut_at_end_of_turn(generated, eot_id, pad_id)
-    return Batch(queries, query_mask, responses, mask, ended)
+    if sampled_logp is not None:
+        sampled_logp = sampled_logp * mask
+    return Batch(queries, query_mask, responses, mask, ended, sampled_logp)
 
 
 def _inputs(batch: Batch) -> dict:

@@ -39,6 +39,15 @@ from posttrain.rl.prompts import prompt_data
 from posttrain.stages import common
 
 FIRST_RATIO_TOLERANCE = 1e-3  # max |ratio - 1| allowed at the first minibatch (before any update)
+# How far the distribution generate() drew each response token from may be from the one PPO's
+# forward computes (rollout.SampledLogprobs), per response token, from d = log π_sampled - log π_PPO:
+# in float32 the mean |d| (rounding: <= 3e-6); in half precision the mean d, which estimates
+# KL(sampler || PPO) >= 0, because |d| from rounding alone grows with depth (SmolLM2 in bf16: mean
+# |d| 0.05 without any fault) while its signed mean stays near 0 (SmolLM2: |mean d| <= 3e-3).
+# A repetition_penalty of 1.05 leaking from generation_config.json: mean |d| 0.04-0.05 (demo SFT
+# model), 0.20-0.22 (SmolLM2); mean d 0.06-0.09 on SmolLM2. Measured on the CPU (docs/benchmarks.md).
+SAMPLER_GAP = 1e-3  # float32: max mean |d|
+SAMPLER_KL_HALF = 3e-2  # bfloat16/float16: max mean d
 SAMPLES_SHOWN = 2
 
 
@@ -78,6 +87,12 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=pc.report_to or None,
                               project_dir=str(out / "runs"))
+    # PPO sets its own precision (Loop.precision around every policy and value forward). The
+    # accelerate state is one per process: after a bf16 trainer in the same process (`posttrain
+    # run`), or under a launcher's ACCELERATE_MIXED_PRECISION, prepare() would wrap the trained
+    # module's forward in autocast while sampling and the reference ran without it (a LoRA policy's
+    # first-rollout KL was 1.4e-3, not 0). So prepare() wraps nothing.
+    accelerator.native_amp = False
     set_seed(cfg.seed + accelerator.process_index)
     processes = common.distribution(sharded=False)
     common.start_output(out, key, resume=resume)
@@ -359,6 +374,7 @@ class Loop:
             scores = self.normalize(raw, reduce)
             if pc.missing_eot_penalty is not None:
                 scores = torch.where(batch.ended, scores, torch.full_like(scores, pc.missing_eot_penalty))
+            gap = self.sampler_gap(batch, old_logp, mask, reduce)
             token_rewards, kl = core.per_token_rewards(scores, old_logp, ref_logp, mask, self.kl.value)
             if it == self.start == 0:
                 self.check_reference(kl)
@@ -386,6 +402,7 @@ class Loop:
             "response_length": _mean(mask.sum(1), reduce),
             "ended": _mean(batch.ended.float(), reduce),
             "explained_variance": core.explained_variance(old_values, returns, mask, reduce).item(),
+            **gap,
             **update,
         }
         self.kl.update(stats["kl"], int(n * acc.num_processes))
@@ -460,6 +477,36 @@ class Loop:
         ids, attn, labels = rollout.right_pad_sft([self.ptx[i] for i in picks], self.tok.tokenizer.pad_token_id)
         return ids.to(self.acc.device), attn.to(self.acc.device), labels.to(self.acc.device)
 
+    def sampler_gap(self, batch, logp, mask, reduce) -> dict:
+        """d = the log-prob generate() sampled each response token with - PPO's log-prob of it, as its
+        mean |d| and mean d per token: 0 up to rounding when PPO computes the distribution it samples
+        from (check_sampler). Nothing for a batch without recorded log-probs."""
+        import torch
+
+        from posttrain.rl import core
+
+        if batch.sampled_logp is None:
+            return {}
+        d = torch.where(mask.bool(), batch.sampled_logp - logp, torch.zeros_like(logp))
+        return {"sampler_gap": core.masked_mean(d.abs(), mask, reduce).item(),
+                "sampler_kl": core.masked_mean(d, mask, reduce).item()}
+
+    def check_sampler(self, it: int, stats: dict) -> None:
+        from posttrain import numerics
+
+        if "sampler_gap" not in stats:
+            return
+        if numerics.is_half(models.torch_dtype(self.cfg.model.dtype)):
+            name, value, allowed = "on average (an estimated KL)", stats["sampler_kl"], SAMPLER_KL_HALF
+        else:
+            name, value, allowed = "on average (absolute)", stats["sampler_gap"], SAMPLER_GAP
+        if value > allowed:
+            raise PosttrainError(
+                f"at iteration {it} the tokens were sampled from another distribution than the one PPO computes: their "
+                f"log-probs differ by {value:.2e} nats per token {name}, over {allowed:g}; a generation setting "
+                "(repetition_penalty, no_repeat_ngram_size, ...) or another model is changing what generate() samples",
+                fix="report this as a bug, with the policy's generation_config.json")
+
     def check_reference(self, kl) -> None:
         """Before any update the policy is the starting model, so its KL to the reference is 0 on
         every sampled response (else the reference is some other model)."""
@@ -494,6 +541,7 @@ class Loop:
         return (raw - self.norm[0]) / self.norm[1]
 
     def check_health(self, it: int, stats: dict, samples: list) -> None:
+        self.check_sampler(it, stats)
         if self.pc.kl_cap is not None and stats["kl"] > self.pc.kl_cap:
             raise PosttrainError(
                 f"KL to the reference reached {stats['kl']:.2f} nats per response at iteration {it}, over "
@@ -602,7 +650,7 @@ def _rotated(checkpoints: list[Path], limit: int, best: str | None) -> list[Path
 
 
 LOGGED = ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",
-          "ended", "ptx_loss")
+          "ended", "ptx_loss", "sampler_kl")
 
 
 def _truncate_after(path: Path, step: int) -> None:
