@@ -111,10 +111,11 @@ def _ptx(vocab: int):
 
 
 def _full_forward(model: rollout.PolicyAndValue, batch, temperature, ptx):
-    """PolicyAndValue.forward as it was before chunking: the whole logits of every position."""
+    """PolicyAndValue.forward as it was before chunking: the whole logits of every position (the
+    entropy without gradients only, as the rollout computes it)."""
     logits = model.policy(**rollout._inputs(batch)).logits[:, batch.queries.shape[1] - 1: -1]
     logp = core.logprobs_from_logits(logits, batch.responses, temperature)
-    entropy = core.entropy_from_logits(logits, temperature)
+    entropy = None if torch.is_grad_enabled() else core.entropy_from_logits(logits, temperature)
     ids, attn, labels = ptx
     ptx_logits = model.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
     ptx_loss = torch.nn.functional.cross_entropy(ptx_logits.float().flatten(0, 1), labels[:, 1:].flatten(),
@@ -123,10 +124,11 @@ def _full_forward(model: rollout.PolicyAndValue, batch, temperature, ptx):
 
 
 def _loss_and_grads(model, outputs, batch):
-    """A loss that uses every output (entropy too), and the gradient of every trained parameter."""
+    """A loss that uses every output with gradients, and the gradient of every trained parameter."""
     logp, entropy, values, ptx_loss = outputs
+    assert entropy is None  # the update's forward computes no entropy (no loss uses it)
     w = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape) * batch.mask
-    loss = (logp * w).sum() + 0.1 * (entropy * batch.mask).sum() + (values * batch.mask).sum() + 0.5 * ptx_loss
+    loss = (logp * w).sum() + (values * batch.mask).sum() + 0.5 * ptx_loss
     model.zero_grad()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -178,15 +180,18 @@ def test_chunked_logprobs_and_entropy_equal_whole_logits(policy, chunk):
 
 @pytest.mark.parametrize("chunk", [1, 4, 0])
 def test_policy_and_value_forward_and_gradients_equal_whole_logits(policy, value, chunk, monkeypatch):
-    """The PPO update's forward (log-probs, entropy, values, the ptx loss) and the gradient of a loss
-    using all of them, chunked, equal the unchunked computation."""
+    """The PPO update's forward (log-probs, values, the ptx loss) and the gradient of a loss using
+    all of them, chunked, equal the unchunked computation; so does the rollout's (no gradients),
+    which adds the entropy."""
     monkeypatch.setattr(logprobs, "CHUNK_TOKENS", chunk)
     model = rollout.PolicyAndValue(copy.deepcopy(policy), copy.deepcopy(value))
     batch, ptx = _batch(_vocab(policy)), _ptx(_vocab(policy))
-    want = _full_forward(model, batch, 0.7, ptx)
-    got = model(batch, 0.7, ptx)
+    with torch.no_grad():
+        want, got = _full_forward(model, batch, 0.7, ptx), model(batch, 0.7, ptx)
+    assert got[1] is not None
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, **TOL)
+    want = _full_forward(model, batch, 0.7, ptx)
     loss_w, grads_w = _loss_and_grads(model, want, batch)
     loss_g, grads_g = _loss_and_grads(model, model(batch, 0.7, ptx), batch)
     assert_close(loss_g, loss_w, **TOL)
@@ -305,6 +310,40 @@ def test_a_ppo_iteration_runs_chunked_with_the_same_numbers(tiny_dir, make_confi
         # Adam divides by √v: a gradient near 0 differing in its last bits moves its weight
         # differently, so the weights agree to 1% of one step (lr 1e-3), not to fp32 rounding
         assert_close(p, runs[0][3][n], rtol=0, atol=1e-5, msg=n)
+
+
+def test_rollout_forwards_run_a_micro_batch_at_a_time_with_the_same_numbers(tiny_dir, make_config, tmp_path,
+                                                                            monkeypatch):
+    """Issue 16 item 5: the rollout's no-grad forwards (policy and value, reference) and the reward
+    model see at most the update's micro-batch of rows (mini_batch_size 2 here, of 4 sampled), and
+    give the numbers of one forward over the whole batch."""
+    from posttrain.rl import rewards
+
+    loop = _ppo_loop(tiny_dir, make_config, tmp_path)
+    unwrapped = loop.acc.unwrap_model(loop.model)
+    rows: list[int] = []
+    original = rollout.PolicyAndValue.forward
+
+    def counted(self, batch, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            rows.append(batch.responses.shape[0])
+        return original(self, batch, *args, **kwargs)
+
+    scored: list[int] = []
+    score_ids = rewards.score_ids
+    monkeypatch.setattr(rollout.PolicyAndValue, "forward", counted)
+    monkeypatch.setattr(rewards, "score_ids", lambda *a, **k: scored.append(k["batch_size"]) or score_ids(*a, **k))
+    torch.manual_seed(1)
+    loop.step(0)
+    assert rows == [2, 2] and scored == [2]
+    torch.manual_seed(2)
+    batch = rollout.sample(unwrapped.policy, *rollout.left_pad(loop.queries[:4], 0), eot_id=loop.tok.eot_id, pad_id=0,
+                           temperature=1.0, top_p=1.0, max_new_tokens=6)
+    with torch.no_grad():
+        whole = loop.rollout_forwards(unwrapped, batch, 4)
+        for n in (1, 3):
+            for got, want in zip(loop.rollout_forwards(unwrapped, batch, n), whole, strict=True):
+                assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_eval_kl_and_likelihoods_run_chunked(tiny_dir, make_config, policy, monkeypatch):

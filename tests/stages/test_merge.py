@@ -119,14 +119,16 @@ def _drop_adapter(model):
     return model.unload()  # removes the LoRA layers without merging them
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("wrong_merge", [_scale_lora_b, _merge_then_noise, _drop_adapter],
                          ids=["lora_B_doubled", "noise_added", "adapter_dropped"])
-def test_wrong_merge_is_caught(make_config, sft_lora, tmp_path, monkeypatch, wrong_merge):
-    """Negative control for the parity check: a merge that is not base+adapter."""
+def test_wrong_merge_is_caught(make_config, sft_lora, tmp_path, monkeypatch, wrong_merge, dtype):
+    """Negative control for the parity check: a merge that is not base+adapter, in float32 and
+    with bf16 merged weights (whose tolerance is 8 rounding steps of the logits' magnitude)."""
     monkeypatch.setattr("posttrain.stages.merge.merge", wrong_merge)
     out = tmp_path / "merged"
     with pytest.raises(PosttrainError, match=r"differ from base\+adapter.*the merge is wrong") as e:
-        merge.run(make_config(), base=str(sft_lora), output=str(out))
+        merge.run(make_config(merge={"dtype": dtype}), base=str(sft_lora), output=str(out))
     assert "\n" not in str(e.value)
     assert not manifest.is_finished(out)
     assert not (out / "model.safetensors").exists()

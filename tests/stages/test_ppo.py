@@ -111,9 +111,9 @@ def ppo_full(tiny_dir, demo_data, sft_dir, rm_dir, tmp_path_factory):
     checked: list[float] = []
     original = ppo.Loop.check_first_ratio
 
-    def observed(self, pg):
-        checked.append(float(pg["ratio_max_dev"]))
-        return original(self, pg)
+    def observed(self, *args):
+        original(self, *args)
+        checked.append(self.first_ratio)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo.Loop, "check_first_ratio", observed)
@@ -188,7 +188,9 @@ def test_ppo_raises_the_score_with_bounded_kl(ppo_full, sft_dir, rm_dir, demo_da
     assert max(kls) < PPOStageConfig().kl_cap and max(kls) > 0, kls
 
     # the first update's probability ratio was checked (once) and was 1
-    assert len(ppo_full["first_ratio"]) == 1 and ppo_full["first_ratio"][0] <= ppo.FIRST_RATIO_TOLERANCE
+    (first,) = ppo_full["first_ratio"]
+    assert first["max_ratio_dev"] <= ppo.FIRST_RATIO_TOLERANCE
+    assert metrics["first_update"] == ppo_full["first_ratio"][0]
 
     # samples were kept at iterations 1, 10 and 20
     kept = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -209,19 +211,41 @@ def test_ppo_raises_the_score_with_bounded_kl(ppo_full, sft_dir, rm_dir, demo_da
     assert sum(not torch.equal(start[k], trained[k]) for k in start) > len(start) // 2
 
 
-def test_first_ratio_mismatch_is_caught(ppo_config, sft_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("dtype", "factor"), [("float32", 1.5), ("bfloat16", 1.1)])
+def test_first_ratio_mismatch_is_caught(dtype, factor, tiny_dir, demo_data, sft_dir, rm_dir, tmp_path, monkeypatch):
     """Negative control: the update computes log-probs at another temperature than the rollout
-    did (with gradients on: the update pass), so at the first minibatch the ratio is not 1."""
+    did (with gradients on: the update pass), so over the first mini-batch the ratio is not 1.
+    float32 checks the maximum |ratio - 1|; bf16 the mean |log-ratio| per token (x1.1: 7e-2)."""
     original = rollout.PolicyAndValue.forward
 
     def mismatched(self, batch, temperature, *args, **kwargs):
-        return original(self, batch, temperature * 1.5 if torch.is_grad_enabled() else temperature, *args, **kwargs)
+        return original(self, batch, temperature * factor if torch.is_grad_enabled() else temperature, *args, **kwargs)
 
     monkeypatch.setattr(rollout.PolicyAndValue, "forward", mismatched)
+    raw = _raw(tiny_dir, demo_data, tmp_path / "out", ppo=_ppo(rm_dir, steps=1))
+    raw["model"]["dtype"] = dtype
     out = tmp_path / "ppo"
-    with pytest.raises(PosttrainError, match=r"at the first PPO update the probability ratio is off 1"):
-        ppo.run(ppo_config(steps=1), base=str(sft_dir), output=str(out))
+    what = "the probability ratio is off 1 by" if dtype == "float32" else r"the mean \|log-ratio\| per token is"
+    with pytest.raises(PosttrainError, match=rf"at the first PPO update {what} .* the rollout and the update"):
+        ppo.run(validate_dict(raw), base=str(sft_dir), output=str(out))
     assert not manifest.is_finished(out)
+
+
+def test_first_ratio_check_stops_at_its_thresholds():
+    """float32: max |ratio - 1| over FIRST_RATIO_TOLERANCE stops, just under does not, whatever the
+    mean. Half precision: a per-token maximum from kernel noise does not stop; the mean |log-ratio|
+    over FIRST_RATIO_HALF does, just under does not. Sums are over the mini-batch's 100 tokens."""
+    def check(dtype, mean_abs, worst):
+        loop = _sampler_loop(dtype)
+        loop.check_first_ratio(torch.tensor([mean_abs * 100, 0.0, worst]), torch.tensor(100.0), lambda x: x)
+        return loop.first_ratio
+
+    assert check("float32", 1e-3, 0.9 * ppo.FIRST_RATIO_TOLERANCE)["max_ratio_dev"] == pytest.approx(9e-4)
+    with pytest.raises(PosttrainError, match=r"the probability ratio is off 1 by 1\.10e-03 \(allowed 0\.001\)"):
+        check("float32", 0.0, 1.1 * ppo.FIRST_RATIO_TOLERANCE)
+    assert check("bfloat16", 0.9 * ppo.FIRST_RATIO_HALF, 0.5)["mean_abs_log_ratio"] == pytest.approx(0.018)
+    with pytest.raises(PosttrainError, match=r"the mean \|log-ratio\| per token is 2\.20e-02 \(allowed 0\.02\)"):
+        check("bfloat16", 1.1 * ppo.FIRST_RATIO_HALF, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,10 +134,13 @@ def response_hidden(model, batch: Batch) -> torch.Tensor:
     return hidden[:, batch.queries.shape[1] - 1: -1]
 
 
-def response_logprobs(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy of each response token, [B, Lr] each, never holding more than a chunk
-    of full-vocabulary logits (with gradients when they are enabled)."""
-    return logprobs.token_logprobs(model, response_hidden(model, batch), batch.responses, temperature, entropy=True)
+def response_logprobs(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each response token, [B, Lr], never holding more than a chunk of full-vocabulary
+    logits, and without gradients (the rollout) their entropy, [B, Lr]. With gradients (the update)
+    the entropy is None: no loss uses it, and computing it would keep a second vocabulary-wide
+    graph alive through backward."""
+    return logprobs.token_logprobs(model, response_hidden(model, batch), batch.responses, temperature,
+                                   entropy=not torch.is_grad_enabled())
 
 
 class ValueModel(nn.Module):
@@ -172,8 +175,8 @@ class PolicyAndValue(nn.Module):
         self.value = value
 
     def forward(self, batch: Batch, temperature: float, ptx: tuple | None = None):
-        """Response log-probs, entropy and values; with `ptx` = (input_ids, attention_mask, labels)
-        also the SFT loss on those conversations (inside forward, so DDP syncs its gradients)."""
+        """Response log-probs, entropy (None with gradients) and values; with `ptx` = (input_ids,
+        attention_mask, labels) also the SFT loss on those conversations (inside forward, so DDP syncs its gradients)."""
         logp, entropy = response_logprobs(self.policy, batch, temperature)
         ptx_loss = None
         if ptx is not None:

@@ -38,7 +38,12 @@ from posttrain.rl import rewards
 from posttrain.rl.prompts import prompt_data
 from posttrain.stages import common
 
-FIRST_RATIO_TOLERANCE = 1e-3  # max |ratio - 1| allowed at the first minibatch (before any update)
+FIRST_RATIO_TOLERANCE = 1e-3  # float32: max |ratio - 1| allowed over the first mini-batch (before any update)
+# Half precision: mean |log-ratio| per token allowed there (Loop.check_first_ratio). Measured on the
+# demo SFT model (docs/benchmarks.md): 0 exactly on the CPU in bf16 without a fault; an update
+# temperature off by x1.02 gives 1.4e-2 (not caught in half precision; float32's maximum catches
+# it), x1.1 7e-2, x1.5 0.43. GPU kernels' batch-size noise is unmeasured (no GPU was lent).
+FIRST_RATIO_HALF = 2e-2
 # How far the distribution generate() drew each response token from may be from the one PPO's
 # forward computes (rollout.SampledLogprobs), per response token, from d = log π_sampled - log π_PPO:
 # in float32 the mean |d| (rounding: <= 3e-6); in half precision the mean d, which estimates
@@ -152,6 +157,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         "precision": {"weights": str(next(p for p in policy.parameters() if p.requires_grad).dtype).removeprefix(
             "torch."), "autocast": str(loop.autocast).removeprefix("torch.") if loop.autocast else "no"},
         "memory_estimate_mb": common.estimate_mb(estimate),
+        "first_update": loop.first_ratio,  # None when resumed past it
         # one per rollout (generation and the scoring forwards) + each training pass (and its ptx batch)
         "train_sequences": pc.steps * pc.batch_size * accelerator.num_processes
         * (1 + pc.ppo_epochs * (2 if pc.ptx_coef > 0 else 1)),
@@ -278,6 +284,7 @@ class Loop:
         self.start, self.history, self.norm = 0, [], None
         self.best = (None, None)  # (checkpoint, its iteration's mean reward): kept by rotation
         self.first_ratio_checked = False
+        self.first_ratio: dict | None = None  # the first mini-batch's log-ratio statistics (check_first_ratio)
         self.rollout_s = self.update_s = self.generate_s = self.tokens = 0.0
 
     def precision(self):
@@ -361,16 +368,11 @@ class Loop:
         mask = batch.mask.float()
         self.generate_s += time.time() - t0
         self.tokens += _mean(mask.sum(1), reduce) * pc.batch_size * acc.num_processes
+        micro = pc.mini_batch_size // pc.gradient_accumulation_steps
         with torch.no_grad():
-            with self.precision():
-                old_logp, entropy, old_values, _ = unwrapped(batch, pc.temperature)
-                if self.reference is not None:
-                    ref_logp, _ = rollout.response_logprobs(self.reference, batch, pc.temperature)
-                else:
-                    with rollout.as_reference(unwrapped.policy, self.ref_adapter):
-                        ref_logp, _ = rollout.response_logprobs(unwrapped.policy, batch, pc.temperature)
-            raw = torch.tensor(rewards.score_ids(self.reward_model, rollout.reward_sequences(batch, self.suffix), pad),
-                               device=acc.device)
+            old_logp, entropy, old_values, ref_logp = self.rollout_forwards(unwrapped, batch, micro)
+            raw = torch.tensor(rewards.score_ids(self.reward_model, rollout.reward_sequences(batch, self.suffix), pad,
+                                                 batch_size=micro), device=acc.device)
             scores = self.normalize(raw, reduce)
             if pc.missing_eot_penalty is not None:
                 scores = torch.where(batch.ended, scores, torch.full_like(scores, pc.missing_eot_penalty))
@@ -412,6 +414,28 @@ class Loop:
                                                                            strict=True)], skip_special_tokens=True)
         return stats, list(zip(prompts, texts, raw.tolist(), strict=True))
 
+    def rollout_forwards(self, unwrapped, batch, rows: int):
+        """The rollout's forwards, without gradients: the policy's log-probs and entropy, the
+        values and the reference's log-probs, `rows` sequences at a time (the update's micro-batch:
+        the rollout's activations are no larger than the update's; the widths stay the batch's, so
+        the numbers are those of one forward over the whole batch)."""
+        import torch
+
+        from posttrain.rl import rollout
+
+        pc, parts = self.pc, []
+        for idx in torch.arange(batch.responses.shape[0], device=batch.responses.device).split(rows):
+            sub = batch.select(idx)
+            with self.precision():
+                logp, entropy, values, _ = unwrapped(sub, pc.temperature)
+                if self.reference is not None:
+                    ref_logp, _ = rollout.response_logprobs(self.reference, sub, pc.temperature)
+                else:
+                    with rollout.as_reference(unwrapped.policy, self.ref_adapter):
+                        ref_logp, _ = rollout.response_logprobs(unwrapped.policy, sub, pc.temperature)
+            parts.append((logp, entropy, values, ref_logp))
+        return tuple(torch.cat(x) for x in zip(*parts, strict=True))
+
     def update(self, it, batch, old_logp, old_values, advantages, returns) -> dict:
         import torch
 
@@ -432,6 +456,8 @@ class Loop:
                 # the update one process would make on the whole mini-batch.
                 count = reduce(mask[order[start:start + pc.mini_batch_size]].sum()) / acc.num_processes
                 parts: dict[str, float] = {}
+                first = it == self.start == 0 and epoch == 0 and start == 0  # before any update
+                ratio = torch.zeros(3, device=acc.device)  # Σ|log-ratio|, Σ log-ratio, max |ratio - 1|
                 for m in range(start, start + pc.mini_batch_size, micro):
                     idx = order[m:m + micro]
                     sub, sm = batch.select(idx), mask[idx]
@@ -446,8 +472,9 @@ class Loop:
                     if not torch.isfinite(loss):
                         raise PosttrainError(f"the PPO loss is {loss.item()} at iteration {it + 1}",
                                              fix="lower ppo.learning_rate; check the reward model's scores")
-                    if it == self.start == 0 and epoch == 0 and m == 0:
-                        self.check_first_ratio(pg)
+                    if first:
+                        log_ratio = (logp.detach() - old_logp[idx]) * sm
+                        ratio += torch.stack([log_ratio.abs().sum(), log_ratio.sum(), pg["ratio_max_dev"]])
                     acc.backward(loss)
                     for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss}.items():
                         parts[k] = parts.get(k, 0.0) + float(v.detach())
@@ -455,6 +482,8 @@ class Loop:
                         totals.setdefault(k, []).append(float(v.detach()))
                 for k, v in parts.items():  # the mini-batch's loss: the sum of its micro-batches' shares
                     totals.setdefault(k, []).append(v)
+                if first:
+                    self.check_first_ratio(ratio, count * acc.num_processes, reduce)
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), pc.max_grad_norm)
                 totals.setdefault("grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
@@ -516,13 +545,28 @@ class Loop:
                 f"at the first rollout the policy's KL to the reference is {worst:.2e} nats on a response, not 0: "
                 "the reference is not the model PPO starts from", fix="report this as a bug")
 
-    def check_first_ratio(self, pg: dict) -> None:
-        """Before any update the policy is the rollout policy: ratio 1, approx KL 0 (else the
-        temperature or dropout differ between sampling and training)."""
-        dev = float(pg["ratio_max_dev"])
-        if dev > FIRST_RATIO_TOLERANCE:
+    def check_first_ratio(self, ratio, tokens, reduce) -> None:
+        """Before any update the policy is the rollout policy: over the first mini-batch the
+        probability ratio is 1 (else dropout, the temperature or the inputs differ between the
+        rollout's forward and the update's). `ratio` holds this process's Σ|log-ratio|, Σ log-ratio
+        and max |ratio - 1| over its micro-batches; `tokens` the mini-batch's real tokens on all.
+
+        The two forwards differ in batch size and in gradients, and GPU kernels in half precision
+        are not batch-invariant, so there the per-token maximum is no test: half precision checks
+        the mean |log-ratio| per token (FIRST_RATIO_HALF); float32 keeps the maximum."""
+        from posttrain import numerics
+
+        sums = reduce(ratio[:2].clone())
+        mean_abs, mean = (sums / tokens.clamp(min=1)).tolist()
+        worst = float(ratio[2])
+        self.first_ratio = {"mean_abs_log_ratio": mean_abs, "mean_log_ratio": mean, "max_ratio_dev": worst}
+        if numerics.is_half(models.torch_dtype(self.cfg.model.dtype)):
+            value, allowed, what = mean_abs, FIRST_RATIO_HALF, "the mean |log-ratio| per token is"
+        else:
+            value, allowed, what = worst, FIRST_RATIO_TOLERANCE, "the probability ratio is off 1 by"
+        if value > allowed:
             raise PosttrainError(
-                f"at the first PPO update the probability ratio is off 1 by {dev:.2e}: the rollout and the update "
+                f"at the first PPO update {what} {value:.2e} (allowed {allowed:g}): the rollout and the update "
                 "compute different log-probs", fix="report this as a bug (dropout or temperature mismatch)")
         self.first_ratio_checked = True
 
