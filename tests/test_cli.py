@@ -99,3 +99,48 @@ def test_init_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "m" / "config.json").read_text())["hidden_size"] == 32
     assert (tmp_path / "d" / "sft_train.jsonl").exists()
+
+
+def test_run_help_shows_output():
+    r = cli("run", "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "-o, --output" in r.stdout and "output_dir=DIR" in r.stdout
+
+
+def test_run_output_overrides_output_dir(tmp_path, tiny_dir, demo_data, monkeypatch):
+    """-o/--output (in process, chain.run replaced): the config's output_dir, applied after every
+    --set, and kept among the overrides that the processes of a launched stage read again."""
+    from typer.testing import CliRunner
+
+    from posttrain import chain, cli as cli_mod
+
+    seen = []
+    monkeypatch.setattr(chain, "run", lambda cfg, **kw: seen.append(cfg))
+    monkeypatch.setattr(cli_mod, "_quiet_libraries", lambda: None)
+    cfg = write_config(tmp_path, tiny_dir, demo_data, stages=["format"])
+    runner = CliRunner()
+    for args, expected in [((), str(tmp_path / "out")),
+                           (("-o", "o1"), "o1"),
+                           (("--output", "o2"), "o2"),
+                           (("--set", "output_dir=s", "-o", "123"), "123"),  # -o wins; a path, not a number
+                           (("-o", "o3", "--set", "output_dir=s"), "o3")]:
+        r = runner.invoke(cli_mod.app, ["run", str(cfg), *args])
+        assert r.exit_code == 0, (args, r.output, r.exception)
+        assert seen[-1].output_dir == expected, args
+    path, overrides = seen[-1]._source
+    assert path == str(cfg) and overrides == ("output_dir=s", 'output_dir="o3"')
+    r = runner.invoke(cli_mod.app, ["run", str(cfg), "-o", ""])
+    assert r.exit_code == 2 and "error: -o/--output is empty" in r.output, r.output
+
+
+def test_run_writes_its_stages_under_output(tmp_path, tiny_dir, demo_data):
+    cfg = write_config(tmp_path, tiny_dir, demo_data, stages=["format"])
+    out = tmp_path / "elsewhere"
+    r = cli("run", cfg, "--set", f"output_dir={tmp_path / 'from-set'}", "-o", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert manifest.is_finished(out / "format")
+    chain = json.loads((out / "posttrain-chain.json").read_text())
+    assert [s["path"] for s in chain["stages"]] == [str(out / "format")]
+    assert chain["config"]["output_dir"] == str(out)
+    assert (out / "report.md").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "from-set").exists()

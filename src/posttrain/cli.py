@@ -8,6 +8,7 @@ stay instant.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -237,6 +238,9 @@ def report_cmd(directory: Annotated[Path, typer.Argument(help="A chain's output 
 @app.command()
 @user_errors
 def run(config: Annotated[Path, typer.Argument(help="YAML config holding the chain (stages:).")],
+        output: Annotated[str | None, typer.Option(
+            "--output", "-o", help="The chain's output directory (output_dir): each stage writes DIR/<stage>. "
+            "The same as --set output_dir=DIR, and it wins over one.")] = None,
         set_: SetOpt = None,
         from_: Annotated[str | None, typer.Option("--from", help="Rerun from this stage on.")] = None,
         dry_run: Annotated[bool, typer.Option(
@@ -252,12 +256,23 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config holding the cha
         raise PosttrainError("`posttrain run` is running under a launcher (accelerate launch / torchrun): every "
                              "process would run the whole chain", fix="run `posttrain run CONFIG --num-processes N`: "
                              "it launches each training stage in N processes and runs the rest once")
-    cfg = _load(config, set_)
+    cfg = _load(config, _with_output_dir(set_, output))
     plan = launch.plan(cfg, num_processes, distributed)
     _quiet_libraries()
     from posttrain import chain
 
     chain.run(cfg, from_stage=from_, dry_run=dry_run, launch_plan=plan, debug=_state["debug"])
+
+
+def _with_output_dir(overrides: list[str] | None, output: str | None) -> list[str] | None:
+    """`run -o DIR` as the last --set override: it wins over `--set output_dir=...`, and the processes
+    a launched stage starts read it again with the other overrides (config._source). The value is
+    quoted (a JSON string is a YAML string), so a DIR like `123`, `yes`, `~` or `a #1` stays a path."""
+    if output is None:
+        return overrides
+    if not output.strip():
+        raise PosttrainError("-o/--output is empty", fix="give the chain's output directory")
+    return [*(overrides or ()), f"output_dir={json.dumps(output, ensure_ascii=False)}"]
 
 
 @app.command()

@@ -356,7 +356,7 @@ def attention(cfg: Config) -> str | None:
 def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraConfig, tok: TokenizerInfo):
     """A reward (or value) model for training: the causal LM at `source` with a one-output `score`
     head instead of the LM head. Full, LoRA (the head stays trainable and is saved with the
-    adapter, safeguard #21) or QLoRA.
+    adapter, safeguard #9) or QLoRA.
 
     `source` may be a LoRA adapter directory (an SFT stage trained with LoRA/QLoRA). Then the model
     is its base with that adapter applied, as `load_causal_lm` does for a policy: merged in memory

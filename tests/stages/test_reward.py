@@ -204,7 +204,7 @@ def test_lora_reward_model_saves_head_and_reloads(rm_lora, sft_dir, demo_data):
 
 @pytest.mark.parametrize("damage", ["removed", "zeroed"])
 def test_adapter_with_a_lost_head_is_caught(rm_lora, demo_data, tmp_path, damage):
-    """Negative control (safeguard #21): the same adapter with its score tensor removed from the
+    """Negative control (safeguard #9): the same adapter with its score tensor removed from the
     adapter file, or replaced by an untrained (zero) head. The head check fails on the removed one;
     the fresh-process reload check fails on both (PEFT refuses an adapter whose modules_to_save
     weights are missing; a wrong head gives other scores)."""

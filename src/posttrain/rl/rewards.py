@@ -165,7 +165,7 @@ def _as_trained(model, path: str) -> None:
 
 
 def check_head_saved(path: str | Path) -> None:
-    """Safeguard #21: a LoRA reward model's trained head must be in the adapter file."""
+    """Safeguard #9: a LoRA reward model's trained head must be in the adapter file."""
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / "adapter_model.safetensors"), "pt") as f:

@@ -11,7 +11,7 @@ Reads top to bottom:
     failure: warned above reward.length_correlation_warning);
  5. before saving, the scores must not depend on the padding side or on batch mates; after
     saving, a fresh process reloads the model and must give the same scores on probe pairs
-    (a reward head lost on reload is safeguard #21); manifest last.
+    (a reward head lost on reload is safeguard #9); manifest last.
 """
 
 from __future__ import annotations
