@@ -238,6 +238,19 @@ def test_dry_run_after_the_chain_reports_up_to_date_and_honours_from(chain):
     assert {s: manifest_state(out / s) for s in STAGES} == before
 
 
+def test_template_change_reruns_sft_in_the_dry_run(chain):
+    """Issue 17 (b): the template is part of SFT's inputs key, so after a template change the
+    chain does not skip SFT as "up to date" (a dry run: nothing trains, nothing is written)."""
+    out = chain["out"]
+    before = {s: manifest_state(out / s) for s in STAGES}
+    r = cli("run", "--dry-run", chain["cfg"], "--set", "template.system_prompt=Answer briefly.")
+    assert_ok(r)
+    for stage in ("sft", "dpo", "merge"):
+        assert f"{stage} (would be: skipped" not in r.stderr, f"{stage} is skipped after a template change"
+    assert "sft (would be: running)" in r.stderr, r.stderr[-3000:]
+    assert {s: manifest_state(out / s) for s in STAGES} == before
+
+
 def test_changed_dpo_setting_reruns_dpo_and_merge_only(chain):
     out = chain["out"]
     fmt_before, sft_before = manifest_state(out / "format"), manifest_state(out / "sft")
@@ -478,3 +491,79 @@ def test_rlhf_chain_runs_and_reruns_ppo_when_the_reward_model_changes(tmp_path, 
     assert_ok(cli("run", cfg, "--set", "reward.training.learning_rate=2e-3"))
     assert statuses(out) == {"format": "up to date", "sft": "up to date", "reward": "ran", "ppo": "ran",
                              "dpo": "ran", "merge": "ran"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage inputs key, part by part (no training)
+
+
+def _sft_key(tiny_dir, demo_data, tmp_path, parent=None, **changes) -> str:
+    from posttrain import lineage
+    from posttrain.config import validate_dict
+
+    raw = chain_config(tiny_dir, demo_data, tmp_path / "out", **changes)
+    return lineage.stage_key(validate_dict(raw), "sft", str(parent or tiny_dir))
+
+
+def test_every_part_of_the_sft_inputs_key_changes_it(tiny_dir, demo_data, tmp_path):
+    """Issue 17 (b): model, template, seed, the sft section, each data source (its config and its
+    file's content) and the parent each change SFT's key; what SFT does not read does not."""
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl"):
+        shutil.copy(demo_data / name, data / name)
+    parent = tmp_path / "model"
+    shutil.copytree(tiny_dir, parent)
+    base = _sft_key(parent, data, tmp_path)
+    assert _sft_key(parent, data, tmp_path) == base  # deterministic
+    training = chain_config(tiny_dir, data, tmp_path)["sft"]["training"]
+    changed = {
+        "model": _sft_key(parent, data, tmp_path, model={"name_or_path": str(parent), "dtype": "float32"}),
+        "template name": _sft_key(parent, data, tmp_path, template={"name": "llama3"}),
+        "template system prompt": _sft_key(parent, data, tmp_path, template={"name": "chatml",
+                                                                               "system_prompt": "Be brief."}),
+        "seed": _sft_key(parent, data, tmp_path, seed=1),
+        "sft section": _sft_key(parent, data, tmp_path, sft__training={**training, "learning_rate": 1e-3}),
+        "sft assistant_only_loss": _sft_key(parent, data, tmp_path, sft__assistant_only_loss=False),
+        "sft data source": _sft_key(parent, data, tmp_path, data__sft={
+            "kind": "sft", "train": [{"path": str(data / "sft_train.jsonl")}]}),
+        "parent path": _sft_key(parent, data, tmp_path, parent=tiny_dir),
+    }
+    for part, key in changed.items():
+        assert key != base, f"changing the {part} leaves SFT's inputs key the same"
+    assert len(set(changed.values())) == len(changed)
+
+    # not read by SFT: the DPO section and the preference data
+    assert _sft_key(parent, data, tmp_path, dpo__training={"beta": 0.5}) == base
+    assert _sft_key(parent, data, tmp_path, data__preference={
+        "kind": "preference", "train": [{"path": str(data / "pref_eval.jsonl")}]}) == base
+
+    # the contents of each data file SFT reads (train and eval)
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        f = data / name
+        text = f.read_text()
+        f.write_text(text + text.splitlines(keepends=True)[0])
+        assert _sft_key(parent, data, tmp_path) != base, f"a changed {name} leaves SFT's key the same"
+        f.write_text(text)
+        assert _sft_key(parent, data, tmp_path) == base
+
+    # the parent's identity: its config (a re-run parent changes every child's key)
+    cfg_file = parent / "config.json"
+    original = cfg_file.read_text()
+    cfg_file.write_text(json.dumps({**json.loads(original), "posttrain_test": 1}))
+    assert _sft_key(parent, data, tmp_path) != base, "a changed parent leaves SFT's key the same"
+    cfg_file.write_text(original)
+    assert _sft_key(parent, data, tmp_path) == base
+
+    # a .jinja template: its text, not only its path (editing the file must rerun SFT)
+    from posttrain import templates
+
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(templates.BUILTINS["chatml"].template)
+    with_file = _sft_key(parent, data, tmp_path, template={"name": str(jinja)})
+    assert _sft_key(parent, data, tmp_path, template={"name": str(jinja)}) == with_file
+    jinja.write_text(templates.BUILTINS["chatml"].template + "\n")
+    assert _sft_key(parent, data, tmp_path, template={"name": str(jinja)}) != with_file, \
+        "an edited .jinja template leaves SFT's key the same"

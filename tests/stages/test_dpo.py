@@ -353,3 +353,44 @@ def test_dpo_without_a_config_uses_the_config_recorded_in_the_base(sft_full, tmp
     with pytest.raises(PosttrainError, match=r"data\.preference"):
         dpo.run(cfg, base=str(sft_full))
     assert not (tmp_path / "dpo").exists()
+
+
+# The step-0 guard on its own (issue 17 (f)): each threshold at 0.9× passes, at 1.1× stops
+
+
+def _step0_args(beta: float = 0.1, loss_type=("sigmoid",)):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(beta=beta, loss_type=list(loss_type))
+
+
+def _step0_metrics(loss: float = math.log(2), chosen: float = 0.0, rejected: float = 0.0) -> dict:
+    return {"loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected}
+
+
+@pytest.mark.parametrize("beta,tolerance", [(0.1, 0.02), (0.5, 0.05)])
+@pytest.mark.parametrize("key", ["rewards/chosen", "rewards/rejected"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_step0_guard_on_the_log_ratio(beta, tolerance, key, sign):
+    """rewards/β is the mean log-ratio: allowed up to dpo.step0_tolerance (either pair side, either sign)."""
+    args = _step0_args(beta)
+    limit = tolerance * beta  # the reward at which |log-ratio| = tolerance
+    inside = _step0_metrics(**{key.split("/")[1]: sign * 0.9 * limit})
+    dpo.check_step0(inside, args, tolerance)
+    outside = _step0_metrics(**{key.split("/")[1]: sign * 1.1 * limit})
+    with pytest.raises(PosttrainError, match=r"at step 0 the policy and the reference disagree"):
+        dpo.check_step0(outside, args, tolerance)
+
+
+@pytest.mark.parametrize("beta,tolerance", [(0.1, 0.02), (0.5, 0.05)])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_step0_guard_on_the_loss_alone(beta, tolerance, sign):
+    """With rewards exactly 0 the sigmoid loss must still be ln 2: allowed off by 10·tolerance·β + 1e-3
+    (the ln 2 part of the guard on its own); other loss types have no ln 2 to check."""
+    args = _step0_args(beta)
+    limit = 10 * tolerance * beta + 1e-3
+    dpo.check_step0(_step0_metrics(loss=math.log(2) + sign * 0.9 * limit), args, tolerance)
+    off = _step0_metrics(loss=math.log(2) + sign * 1.1 * limit)
+    with pytest.raises(PosttrainError, match=r"at step 0 the DPO loss is .*not ln 2"):
+        dpo.check_step0(off, args, tolerance)
+    dpo.check_step0(off, _step0_args(beta, ("ipo",)), tolerance)  # not a sigmoid loss: no ln 2 expected

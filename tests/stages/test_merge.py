@@ -223,3 +223,69 @@ def test_qlora_merge_with_and_without_nf4_round_trip(make_config, sft_qlora, tin
            for rt, o in outs.items()}
     assert gap[True] < 1e-4, gap
     assert gap[True] < gap[False], gap
+
+
+def _merge_then_shift_one_logit(delta: float):
+    """A correct merge whose model then adds `delta` to one logit of every forward (the first
+    vocabulary entry at the last position): a merge off by exactly that much."""
+    def wrong_merge(model):
+        merged = model.merge_and_unload()
+
+        def shift(_module, _inputs, output):
+            output = output.clone()
+            output[..., -1, 0] += delta
+            return output
+
+        merged.get_output_embeddings().register_forward_hook(shift)
+        return merged
+
+    return wrong_merge
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.5])
+def test_parity_holds_the_merge_to_the_configured_tolerance(make_config, sft_lora, tmp_path, monkeypatch, factor):
+    """Issue 17 (e): in float32 a merge whose logits differ from base+adapter by 1.5× merge.tolerance
+    is refused and one within 0.9× of it passes (a looser or a default tolerance fails one of the two)."""
+    tolerance = 1e-2  # not the default (1e-3)
+    monkeypatch.setattr("posttrain.stages.merge.merge", _merge_then_shift_one_logit(factor * tolerance))
+    cfg = make_config(merge={"dtype": "float32", "tolerance": tolerance, "probe_prompts": ["Hello!"],
+                             "max_new_tokens": 4})
+    out = tmp_path / "merged"
+    if factor > 1:
+        with pytest.raises(PosttrainError, match=r"differ from base\+adapter by up to 0\.015 \(tolerance 0\.01\)"):
+            merge.run(cfg, base=str(sft_lora), output=str(out))
+        assert not manifest.is_finished(out)
+    else:
+        merge.run(cfg, base=str(sft_lora), output=str(out))
+        parity = manifest.read(out)["checks"]["parity"]
+        assert parity["tolerance"] == tolerance
+        assert parity["max_abs_diff"] == pytest.approx(factor * tolerance, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_parity_at_just_inside_and_just_outside_the_tolerance(dtype):
+    """merge.check_parity directly: 0.9× the tolerance passes, 1.1× is refused; float32 uses
+    merge.tolerance itself, bf16 numerics.tolerance (8 rounding steps of the logits' scale)."""
+    from posttrain import numerics
+
+    configured = 1e-3
+    g = torch.Generator().manual_seed(0)
+    expected = [(torch.rand(1, 5, 40, generator=g) * 2 - 1) * 4, (torch.rand(1, 3, 40, generator=g) * 2 - 1) * 4]
+    expected[0][0, 0, 0] = 12.0  # the logits' scale
+    scale = max(float(e.abs().max()) for e in expected)
+    tol = numerics.tolerance(configured, dtype, scale)
+    if dtype == torch.float32:
+        assert tol == configured
+    else:
+        assert tol == pytest.approx(8 * 2 ** -7 * 12.0) and tol > 100 * configured
+
+    def shifted(factor):
+        got = [e.clone() for e in expected]
+        got[1][0, 2, 7] += factor * tol
+        return got
+
+    ok = merge.check_parity(expected, shifted(0.9), configured, dtype)
+    assert ok["tolerance"] == pytest.approx(tol) and ok["max_abs_diff"] == pytest.approx(0.9 * tol, rel=1e-3)
+    assert ok["logit_scale"] == 12.0 and ok["probes"] == 2
+    with pytest.raises(PosttrainError, match="the merge is wrong"):
+        merge.check_parity(expected, shifted(1.1), configured, dtype)

@@ -228,3 +228,85 @@ def test_full_sft_in_bf16_keeps_every_update(make_config, tiny_dir, tmp_path, mo
     lost = _full_sft_at_low_lr(make_config, tiny_dir, tmp_path, "bfloat16", "bf16-weights")
     assert lost["saved"] == torch.bfloat16
     assert lost["share"] < 0.5 and lost["mean_dw"] < 0.5 * fp32["mean_dw"], lost
+
+
+class _Captured(Exception):
+    """Raised by the spy once the SFT stage has built its trainer: the test stops before training."""
+
+
+_CONVERSATIONS = [
+    [{"role": "system", "content": "You answer sums."},
+     {"role": "user", "content": "What is 12 + 34?"},
+     {"role": "assistant", "content": "12 + 34 = 46."},
+     {"role": "user", "content": "And 20 + 21?"},
+     {"role": "assistant", "content": "41."}],
+    [{"role": "user", "content": "Hello!"},
+     {"role": "assistant", "content": "Hello. Ask me a sum."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "What is 50 + 7?"},
+     {"role": "assistant", "content": "57"}],
+]
+
+
+def _template_assistant_spans(tok, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans the chatml template marks as the
+    assistant's ({% generation %}: the content and its <|im_end|>), found from the text alone."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans, pos = [], 0
+    for msg in messages:
+        head = f"<|im_start|>{msg['role']}\n"
+        start = text.index(head, pos) + len(head)
+        end = text.index("<|im_end|>", start) + len("<|im_end|>")
+        assert text[start:end - len("<|im_end|>")] == msg["content"]
+        if msg["role"] == "assistant":
+            spans.append((start, end))
+        pos = end
+    return text, spans
+
+
+def test_sft_trains_exactly_the_assistant_tokens_the_template_marks(make_config, tmp_path, monkeypatch):
+    """Issue 17 (a): the labels TRL's trainer carries after posttrain built it are the tokens
+    between the template's assistant markers (content + <|im_end|>), and no system/user/markup
+    token is trained. Fails when assistant-only loss is off (labels = every token)."""
+    from posttrain import models
+
+    path = tmp_path / "convs.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in _CONVERSATIONS * 4))
+    cfg = make_config(data__sft={"kind": "sft", "train": [{"path": str(path)}]},
+                      sft__training={"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 512,
+                                     "save_steps": 1000, "gradient_checkpointing": False})
+    seen = {}
+
+    def spy(train_dataset):
+        seen["ds"] = train_dataset
+        raise _Captured
+
+    monkeypatch.setattr(sft, "_check_labels", spy)
+    with pytest.raises(_Captured):
+        sft.run(cfg, output=str(tmp_path / "sft"))
+    ds = seen["ds"]
+    assert "labels" in ds.column_names
+    tok = models.load_tokenizer(cfg, cfg.model.name_or_path).tokenizer
+    assert len(ds) == len(_CONVERSATIONS) * 4
+    checked_roles = set()
+    for row in ds:
+        messages = row["messages"]
+        text, spans = _template_assistant_spans(tok, messages)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert row["input_ids"] == enc["input_ids"], "TRL tokenized another text than the template renders"
+        expected = []
+        for a, b in enc["offset_mapping"]:
+            inside = any(s <= a and b <= e for s, e in spans)
+            assert inside or not any(s < b and a < e for s, e in spans), "a token straddles an assistant marker"
+            expected.append(inside)
+        trained = [label != -100 for label in row["labels"]]
+        assert trained == expected
+        assert [lab for lab, t in zip(row["labels"], trained, strict=True) if t] == \
+            [i for i, e in zip(row["input_ids"], expected, strict=True) if e]
+        # no token of a system or user message (nor any role header) is in the loss
+        for (a, b), t in zip(enc["offset_mapping"], trained, strict=True):
+            if t:
+                assert not any(h in text[a:b] for h in ("<|im_start|>", "system", "user")), text[a:b]
+        checked_roles |= {m["role"] for m in messages}
+        assert 0 < sum(trained) < len(trained)
+    assert checked_roles == {"system", "user", "assistant"}
