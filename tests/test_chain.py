@@ -208,10 +208,15 @@ def test_rerun_skips_every_stage(chain):
     before = {s: manifest_state(out / s) for s in STAGES}
     metrics_before = {s: (out / s / "metrics.jsonl").read_bytes() for s in ("sft", "dpo")}
     keys_before = {r["stage"]: r["inputs_key"] for r in chain_summary(out)["stages"]}
+    chain_time = chain_summary(out)["chain_time_s"]
 
     r = cli("run", chain["cfg"])
     assert_ok(r)
     assert statuses(out) == dict.fromkeys(STAGES, "up to date")
+    # the chain's own time is what its stages cost when they ran, not the skipping run's wall time
+    rerun = chain_summary(out)
+    assert rerun["chain_time_s"] == chain_time > 5 * rerun["wall_time_s"]
+    assert f"chain time {chain_time:.0f} s (the last run" in (out / "report.md").read_text()
     assert {r["stage"]: r["inputs_key"] for r in chain_summary(out)["stages"]} == keys_before
     for s in STAGES:
         assert manifest_state(out / s) == before[s], f"{s} was rewritten"

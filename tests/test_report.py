@@ -69,3 +69,13 @@ print(json.dumps([before.rss_mb, peak.rss_mb, peak.cuda_mb, after.rss_mb]))
     before, peak, cuda, after = json.loads(r.stdout.strip().splitlines()[-1])
     assert peak > before + 250 and after < peak - 250
     assert cuda is None  # torch is never imported in that process, so there is no CUDA peak to read
+
+
+def test_the_header_gives_the_chain_time_not_the_last_runs():
+    """Issue 17: an up-to-date re-run takes 0.1 s; the header gives what the stages cost when they ran."""
+    from posttrain.report import _chain_time
+
+    assert _chain_time({"chain_time_s": 812.4, "wall_time_s": 0.1}) == \
+        "chain time 812 s (the last run, which skipped up-to-date stages: 0 s)"
+    assert _chain_time({"chain_time_s": 812.4, "wall_time_s": 815.0}) == "chain time 812 s"  # a full run
+    assert _chain_time({"wall_time_s": 3.0}) == "wall time 3.0 s"  # an older record

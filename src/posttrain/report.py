@@ -46,6 +46,16 @@ class Image:
 Block = tuple[str, object]  # ("h1" | "h2" | "h3" | "p" | "table" | "image", content)
 
 
+def _chain_time(chain: dict) -> str:
+    """The chain's own time (each stage's when it ran: an up-to-date re-run takes 0.1 s) and the
+    last run's wall time, when they differ."""
+    own, wall = chain.get("chain_time_s"), chain.get("wall_time_s")
+    if own is None:  # a record written before chain_time_s existed
+        return f"wall time {wall if wall is not None else '?'} s"
+    return f"chain time {own:.0f} s" + (f" (the last run, which skipped up-to-date stages: {wall:.0f} s)"
+                                        if wall is not None and abs(wall - own) > 0.1 * max(own, 1.0) else "")
+
+
 def write(output_dir: str | Path) -> tuple[Path, Path]:
     """Build the report of the chain in `output_dir`; returns (report.md, report.html)."""
     root = Path(output_dir)
@@ -59,7 +69,7 @@ def write(output_dir: str | Path) -> tuple[Path, Path]:
 
     blocks: list[Block] = [("h1", f"posttrain report: {root}")]
     blocks.append(("p", f"Chain: {' → '.join(r['stage'] for r in stages) or '(no chain record)'}. "
-                        f"Finished {chain.get('finished', '?')}; wall time {chain.get('wall_time_s', '?')} s; "
+                        f"Finished {chain.get('finished', '?')}; {_chain_time(chain)}; "
                         f"git {chain.get('git_commit') or 'unknown'}; "
                         + ", ".join(f"{k} {v}" for k, v in (chain.get("versions") or {}).items() if v) + "."))
     if ev:

@@ -198,3 +198,17 @@ def test_trainer_kwargs_evaluate_at_every_save_when_there_is_eval_data(make_conf
     assert kw["eval_strategy"] == "no" and "metric_for_best_model" not in kw
     cfg = make_config(sft__training={"save_steps": 7, "eval_strategy": "no"})
     assert common.trainer_kwargs(cfg, "sft", tmp_path, has_eval=True)["eval_strategy"] == "no"  # the user's
+
+
+def test_progress_bars_only_on_a_terminal(make_config, tmp_path, monkeypatch):
+    """Issue 17: written to a file or CI, the trainer logs one line per logging step instead of a
+    progress bar redrawn with \\r; on a terminal the bar stays; the user's setting wins."""
+    import sys
+
+    cfg = make_config()
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert common.trainer_kwargs(cfg, "sft", tmp_path, has_eval=False)["disable_tqdm"] is (not tty)
+    cfg = make_config(sft__training={"disable_tqdm": False})
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert common.trainer_kwargs(cfg, "sft", tmp_path, has_eval=False)["disable_tqdm"] is False

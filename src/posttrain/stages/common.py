@@ -5,6 +5,7 @@ bottom and calls these in the same order."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from posttrain import config as config_mod
@@ -162,6 +163,9 @@ def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool, estimate=
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "dataloader_num_workers": 0,
+        # a progress bar redraws itself with \r: in a file or CI log it is one line per redraw.
+        # Without a terminal the trainer prints one line per logging step instead.
+        "disable_tqdm": not sys.stderr.isatty(),
     }
     defaults.update(config_mod.device_training_defaults(has_cuda, has_cuda and torch.cuda.is_bf16_supported()))
     defaults.update(models.trainer_precision(cfg))  # autocast in model.dtype over float32 master weights
