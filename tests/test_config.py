@@ -642,3 +642,58 @@ def test_valid_chains(tmp_path):
     assert cfg.uses_reward_stage("ppo") and cfg.stages[2:4] == ["reward", "ppo"]
     cfg = load_config(p, ["stages=[sft, grpo]", "grpo.rewards=[{function: 'checks:exact', weight: 2.0}]"])
     assert not cfg.uses_reward_stage("grpo") and cfg.grpo.rewards[0].weight == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every field documented (issue 17)
+
+
+def undescribed_fields(root: type) -> list[str]:
+    """`Model.field` for every field without a non-empty description in `root` and every model
+    reachable from its field types, through Optional / list / dict / Union / Literal alike."""
+    import typing
+
+    from pydantic import BaseModel
+
+    missing, seen, todo = [], set(), [root]
+    while todo:
+        model = todo.pop(0)
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{model.__name__}.{name}")
+            annotations = [field.annotation]
+            while annotations:
+                a = annotations.pop()
+                if isinstance(a, type) and issubclass(a, BaseModel):
+                    todo.append(a)
+                annotations.extend(typing.get_args(a))
+    return missing
+
+
+def test_every_config_field_has_a_description():
+    missing = undescribed_fields(Config)
+    assert not missing, f"{len(missing)} config field(s) without a description: {', '.join(missing)}"
+
+
+def test_undescribed_fields_finds_fields_without_description_at_any_depth():
+    from pydantic import BaseModel, Field
+
+    class Leaf(BaseModel):
+        documented: int = Field(1, description="Has one.")
+        bare: int = 2
+        blank: str = Field("", description="  ")
+
+    class Other(BaseModel):
+        plain: float = 0.0
+
+    class Root(BaseModel):
+        ok: str = Field("x", description="Has one.")
+        leaves: list[Leaf] = Field(default_factory=list, description="Nested in a list.")
+        by_name: dict[str, Other] | None = Field(None, description="Nested in an Optional dict.")
+        either: Leaf | Other | None = None
+
+    assert sorted(undescribed_fields(Root)) == ["Leaf.bare", "Leaf.blank", "Other.plain", "Root.either"]
+    assert undescribed_fields(Leaf) == ["Leaf.bare", "Leaf.blank"]

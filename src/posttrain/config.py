@@ -65,7 +65,9 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; auto = bf16 on GPUs that have it, else fp32."
     )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None, description="Attention kernel the models load with. None: flash_attention_2 on a GPU with 16-bit "
+        "weights when flash-attn is installed, else transformers' choice (sdpa).")
     trust_remote_code: bool = Field(
         False, description="Run Python code that ships with the model (its own modeling files). Off unless set; "
         "when on, every load warns and names the repository.")
@@ -100,40 +102,51 @@ class TemplateConfig(Strict):
 class SourceConfig(Strict):
     path: str = Field(description="Local .jsonl/.json/.parquet/.csv file or directory, or a Hub dataset id.")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = "train"
+    split: str = Field("train", description="Split to read from a Hub dataset or a data directory; a single file "
+                       "or a save_to_disk directory is read whole.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns: {source_column: canonical_name}."
     )
     roles: dict[str, str] = Field(
-        default_factory=dict, description="Rename message roles: {source_role: user|assistant|system}."
+        default_factory=dict, description="Rename message roles: {source_role: user|assistant|system|tool}."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows.")
 
 
 class DataConfig(Strict):
     kind: Literal["sft", "preference"] = Field(description="What the stage consumes.")
-    train: list[SourceConfig] = Field(min_length=1)
-    eval: list[SourceConfig] = Field(default_factory=list)
+    train: list[SourceConfig] = Field(min_length=1, description="Training sources (one or more), concatenated.")
+    eval: list[SourceConfig] = Field(
+        default_factory=list, description="Held-out sources, concatenated; none: eval_fraction of train is held out."
+    )
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share split off train when no eval given.")
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Stop when more than this share of rows cannot be formatted."
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the shuffled eval_fraction split.")
 
 
 class LoraConfig(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    modules_to_save: list[str] = Field(default_factory=list)
+    r: int = Field(16, ge=1, description="LoRA rank: inner dimension of each low-rank update.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the input of the LoRA branch (training only).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get LoRA: 'all-linear' (PEFT: every linear layer but the output "
+        "layer) or a list of module names, e.g. [q_proj, v_proj]; each must match a module of the model.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules (by name) trained in full and saved with the adapter."
+    )
 
 
 class StageConfig(Strict):
     """Fields shared by the training stages."""
 
-    method: Literal["full", "lora", "qlora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full: train every weight; lora: a LoRA adapter on the frozen base; qlora: LoRA on a "
+        "4-bit NF4 base. Started from an adapter: full merges it, lora/qlora continue it.")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA settings for method lora/qlora; used only for a new adapter."
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="TRL trainer config fields, verbatim.")
 
 
@@ -197,7 +210,7 @@ class RewardSource(Strict):
         None, description="'module:function' called as f(prompts, completions, **columns) -> list[float]; "
         "module is a file next to the config or an installed module."
     )
-    weight: float = 1.0
+    weight: float = Field(1.0, description="Multiplier of this reward in the weighted sum (TRL's reward_weights).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> RewardSource:
@@ -222,8 +235,12 @@ class PPOStageConfig(RewardGate):
     """posttrain's own PPO (TRL has none since 1.13). Field names follow TRL's old PPOConfig where
     one existed. Batch sizes are per process."""
 
-    method: Literal["full", "lora", "qlora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="Policy training: full (every weight), lora (a LoRA adapter on the frozen base) or "
+        "qlora (LoRA on a 4-bit NF4 base). Started from an adapter: full merges it, lora/qlora continue it.")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA settings for method lora/qlora; used only for a new adapter."
+    )
     data: str = Field("sft", description="Dataset under data: whose prompts are sampled (the conversation before "
                       "the last assistant turn, or a preference pair's prompt).")
     reward_model: str | None = Field(None, description="Reward model; default this config's reward stage.")
@@ -231,13 +248,19 @@ class PPOStageConfig(RewardGate):
     steps: int = Field(100, ge=1, description="PPO iterations (one rollout batch and its updates each).")
     batch_size: int = Field(16, ge=1, description="Prompts per rollout, per process.")
     mini_batch_size: int = Field(8, ge=1, description="Rollouts per optimizer step, per process.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per mini-batch (optimizer step), per process; must divide mini_batch_size."
+    )
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
-    learning_rate: float = Field(1e-5, gt=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-5, gt=0.0, description="AdamW learning rate of the policy and value model.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping: largest total gradient norm per step.")
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature of the rollouts; PPO's log-probs are computed at it too."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Top-p (nucleus) sampling of the rollouts; 1 = off. PPO's log-probs leave its truncation out.")
+    max_new_tokens: int = Field(
+        32, ge=1, description="Longest response, in tokens; generation stops earlier at the end-of-turn token."
+    )
     max_prompt_length: int = Field(256, ge=1, description="Longer prompts are dropped (listed in the summary).")
     kl_coef: float = Field(0.05, ge=0.0, description="β of the per-token KL penalty (initial value when adaptive).")
     kl_target: float | None = Field(None, gt=0.0, description="Adaptive KL (Ziegler et al.): target KL per sequence.")
@@ -260,19 +283,32 @@ class PPOStageConfig(RewardGate):
         0.0, ge=0.0, description="InstructGPT's PPO-ptx: add ptx_coef × the SFT loss on ptx_data (assistant tokens) "
         "to every update, so PPO does not unlearn what SFT taught. 0 = plain PPO.")
     ptx_data: str = Field("sft", description="Dataset (kind sft) for the ptx term.")
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    cliprange: float = Field(0.2, gt=0.0)
-    cliprange_value: float = Field(0.2, gt=0.0)
-    vf_coef: float = Field(0.1, ge=0.0)
-    logging_steps: int = Field(1, ge=1)
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount γ per response token (1 = no discounting).")
+    lam: float = Field(
+        0.95, ge=0.0, le=1.0, description="GAE λ: 1 = Monte Carlo returns (more variance), 0 = one-step TD "
+        "(more bias)."
+    )
+    cliprange: float = Field(
+        0.2, gt=0.0, description="ε of the clipped policy loss: the probability ratio is clipped to [1-ε, 1+ε]."
+    )
+    cliprange_value: float = Field(
+        0.2, gt=0.0, description="Clipped value loss: new values are clipped to ± this around the rollout's values."
+    )
+    vf_coef: float = Field(
+        0.1, ge=0.0, description="Weight of the value loss: loss = policy loss + vf_coef × value loss."
+    )
+    logging_steps: int = Field(
+        1, ge=1, description="Print the main metrics every N iterations (metrics.jsonl gets every iteration)."
+    )
     report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
                             "swanlab"]] = Field(
         default_factory=list, description="Trackers that also get the metrics (through accelerate; the tracker's "
         "package must be installed). metrics.jsonl is always written.")
     sample_every: int = Field(10, ge=1, description="Print and keep sample responses every N iterations.")
-    save_steps: int = Field(50, ge=1)
-    save_total_limit: int = Field(2, ge=1)
+    save_steps: int = Field(50, ge=1, description="Save a checkpoint (under checkpoints/) every N iterations.")
+    save_total_limit: int = Field(
+        2, ge=1, description="Checkpoints kept; older ones are deleted, but never the newest or the best by reward."
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> PPOStageConfig:
@@ -299,7 +335,9 @@ class OnlineStageConfig(StageConfig, RewardGate):
         "(of the rewards that score it: an abstention stays one). "
         "None: keep the rewards' scores (TRL renders such a completion with its turn closed, so a reward model "
         "scores it as a finished answer).")
-    allow_template_mismatch: bool = False
+    allow_template_mismatch: bool = Field(
+        False, description="Train although the starting model's recorded chat template or special tokens differ "
+        "(warns; normally an error).")
 
 
 class MergeStageConfig(Strict):
@@ -365,9 +403,9 @@ class ScorerConfig(Strict):
 class DecodingConfig(Strict):
     """One way of generating the eval responses; every model is generated from with each."""
 
-    name: str = "greedy"
+    name: str = Field("greedy", description="Label of this decoding in eval.json and the report (unique).")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Top-p (nucleus) sampling; 1 = off; unused when greedy.")
 
 
 class LmEvalConfig(Strict):
@@ -377,8 +415,10 @@ class LmEvalConfig(Strict):
     tasks: list[str] = Field(min_length=1, description="lm-eval task names (built in or in include_path).")
     include_path: str | None = Field(None, description="Directory of custom task YAMLs (offline tasks).")
     limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
-    num_fewshot: int | None = Field(None, ge=0)
-    batch_size: int = Field(8, ge=1)
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt, overriding each task's own (None: the task's default)."
+    )
+    batch_size: int = Field(8, ge=1, description="Batch size of lm-eval's Hugging Face backend (HFLM).")
     apply_chat_template: bool = Field(True, description="Prompt through each model's chat template.")
 
 
@@ -393,9 +433,14 @@ class EvalStageConfig(Strict):
     pairs: str | None = Field(None, description="Preference dataset for held-out preference accuracy. Unset: "
                               "dpo.data (or reward.data) when it is under data:.")
     max_samples: int = Field(200, ge=1, description="Held-out prompts (and pairs, conversations) evaluated.")
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    decoding: list[DecodingConfig] = Field(default_factory=lambda: [DecodingConfig()], min_length=1)
+    batch_size: int = Field(
+        32, ge=1, description="Sequences per batch: generation, NLL, preference pairs, KL and reward-model scoring."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated response, in tokens.")
+    decoding: list[DecodingConfig] = Field(
+        default_factory=lambda: [DecodingConfig()], min_length=1,
+        description="Decodings every model generates with (names unique). Default: one greedy decoding.",
+    )
     seed: int | None = Field(None, description="Sampling seed; unset: the top-level seed.")
     scorers: list[ScorerConfig] = Field(default_factory=list, description="Task scores (verifiable answers).")
     reward_model: str | None = Field(None, description="Judges generations (score, win rates). Unset: this "
@@ -403,7 +448,8 @@ class EvalStageConfig(Strict):
     kl_reference: str | None = Field(None, description="KL(model || this) on eval prompts. Unset: this "
                                      "config's sft stage when it is in stages.")
     show_samples: int = Field(8, ge=0, description="Prompts whose responses the report shows side by side.")
-    lm_eval: LmEvalConfig | None = None
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks run on every full model (None: no lm-eval tasks).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvalStageConfig:
@@ -427,25 +473,53 @@ class LaunchConfig(Strict):
 
 
 class Config(Strict):
-    model: ModelConfig
-    template: TemplateConfig = Field(default_factory=TemplateConfig)
-    data: dict[str, DataConfig] = Field(default_factory=dict)
-    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval"]] = Field(
-        default_factory=lambda: ["format", "sft"]
+    model: ModelConfig = Field(description="The base model and how it is loaded.")
+    template: TemplateConfig = Field(default_factory=TemplateConfig, description="The chat template.")
+    data: dict[str, DataConfig] = Field(
+        default_factory=dict, description="Named datasets {name: dataset}; stage sections refer to them by name."
     )
-    output_dir: str = "runs/posttrain"
-    seed: int = 42
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    format: FormatStageConfig = Field(default_factory=FormatStageConfig)
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
-    reward: RewardStageConfig = Field(default_factory=RewardStageConfig)
-    ppo: PPOStageConfig = Field(default_factory=PPOStageConfig)
-    rloo: OnlineStageConfig = Field(default_factory=OnlineStageConfig)
-    grpo: OnlineStageConfig = Field(default_factory=OnlineStageConfig)
-    dpo: DPOStageConfig = Field(default_factory=DPOStageConfig)
-    merge: MergeStageConfig = Field(default_factory=MergeStageConfig)
-    control: ControlStageConfig = Field(default_factory=ControlStageConfig)
-    eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
+    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval"]] = Field(
+        default_factory=lambda: ["format", "sft"],
+        description="The chain `posttrain run` runs: a subsequence of format, sft, reward, ppo, rloo, grpo, dpo, "
+        "merge, control, eval, in that order, without repeats.",
+    )
+    output_dir: str = Field(
+        "runs/posttrain", description="Output root: stage <name> writes <output_dir>/<name> unless --output is given."
+    )
+    seed: int = Field(
+        42, description="Seed of every stage (trainers' seed and data_seed, PPO's sampling; eval.seed's default)."
+    )
+    launch: LaunchConfig = Field(
+        default_factory=LaunchConfig, description="How many processes each training stage runs in."
+    )
+    format: FormatStageConfig = Field(
+        default_factory=FormatStageConfig, description="`posttrain format`: datasets converted and checked."
+    )
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="`posttrain sft`: supervised fine-tuning.")
+    reward: RewardStageConfig = Field(
+        default_factory=RewardStageConfig, description="`posttrain reward`: a reward model trained on preference pairs."
+    )
+    ppo: PPOStageConfig = Field(
+        default_factory=PPOStageConfig, description="`posttrain ppo`: posttrain's own PPO against a reward model."
+    )
+    rloo: OnlineStageConfig = Field(
+        default_factory=OnlineStageConfig, description="`posttrain rloo`: RLOO through TRL's RLOOTrainer."
+    )
+    grpo: OnlineStageConfig = Field(
+        default_factory=OnlineStageConfig, description="`posttrain grpo`: GRPO through TRL's GRPOTrainer."
+    )
+    dpo: DPOStageConfig = Field(
+        default_factory=DPOStageConfig, description="`posttrain dpo`: preference optimisation with TRL's DPOTrainer."
+    )
+    merge: MergeStageConfig = Field(
+        default_factory=MergeStageConfig, description="`posttrain merge`: a LoRA/QLoRA adapter merged into its base."
+    )
+    control: ControlStageConfig = Field(
+        default_factory=ControlStageConfig, description="`posttrain control`: SFT continued for the compute the "
+        "stages after SFT used (the report's control row).")
+    eval: EvalStageConfig = Field(
+        default_factory=EvalStageConfig, description="`posttrain eval`: every model on the same held-out data."
+    )
     # The directory of the YAML file: reward functions (`module:function`) are imported from there
     # or from installed packages, nowhere else.
     _source_dir: str | None = PrivateAttr(None)
