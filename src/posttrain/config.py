@@ -257,7 +257,8 @@ class PPOStageConfig(RewardGate):
     temperature: float = Field(
         1.0, gt=0.0, description="Sampling temperature of the rollouts; PPO's log-probs are computed at it too."
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Top-p (nucleus) sampling of the rollouts; 1 = off. PPO's log-probs leave its truncation out.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Top-p (nucleus) sampling of the rollouts; 1 = off. "
+                         "PPO's log-probs leave its truncation out.")
     max_new_tokens: int = Field(
         32, ge=1, description="Longest response, in tokens; generation stops earlier at the end-of-turn token."
     )
