@@ -32,7 +32,7 @@ from posttrain.config import LoraConfig, validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.stages import common, merge, sft
 from tests.conftest import read_losses
-from tests.stages.test_dpo import OTHER_TEMPLATE
+from tests.helpers import LLAMA3_LIKE, OTHER_TEMPLATE, ppo_chain_raw, ppo_section
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,20 +189,18 @@ def test_dpo_guard_collapse_only_within_the_first_steps():
 def small_rm(tiny_dir, demo_data, tmp_path_factory):
     """A reward stage of a few steps on the tiny base (weak: the gate is waived where it is used)."""
     from posttrain.stages import reward
-    from tests.stages.test_ppo import _raw
 
     root = tmp_path_factory.mktemp("safeguards_rm")
     section = {"data": "reward", "training": {"max_steps": 3, "per_device_train_batch_size": 16,
                                               "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 1000,
                                               "max_length": 64, "gradient_checkpointing": False}}
-    return reward.run(validate_dict(_raw(tiny_dir, demo_data, root, reward=section)), base=str(tiny_dir),
+    return reward.run(validate_dict(ppo_chain_raw(tiny_dir, demo_data, root, reward=section)), base=str(tiny_dir),
                       output=str(root / "reward"))
 
 
 def _ppo_cfg(tiny_dir, demo_data, root, rm):
-    from tests.stages.test_ppo import _ppo, _raw
-
-    return validate_dict(_raw(tiny_dir, demo_data, root, ppo=_ppo(rm, steps=1, allow_weak_reward_model=True)))
+    return validate_dict(ppo_chain_raw(tiny_dir, demo_data, root,
+                                       ppo=ppo_section(rm, steps=1, allow_weak_reward_model=True)))
 
 
 def test_ppo_wrong_reference_is_caught_at_the_first_rollout(tiny_dir, demo_data, small_rm, tmp_path, monkeypatch):
@@ -371,8 +369,6 @@ def test_merge_refuses_a_pre_quantized_base(make_config, tiny_dir, saved_adapter
 def test_lora_sft_with_added_tokens_saves_and_reloads_the_embeddings(make_config, tiny_dir, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
-
-    from tests.test_templates import LLAMA3_LIKE
 
     template = tmp_path / "llama3.jinja"
     template.write_text(LLAMA3_LIKE)

@@ -11,6 +11,7 @@ from posttrain import demo, models, templates, tiny
 from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.templates import CHATML, Rendered, check_rendered, render, required_tokens, role_shares, template_hash
+from tests.helpers import LLAMA3_LIKE
 
 CONV = [
     {"role": "system", "content": "You add numbers."},
@@ -44,17 +45,6 @@ NO_MARKERS = (
 )
 DOUBLE_BOS = "{{ bos_token }}{{ bos_token }}" + CHATML
 
-LLAMA3_LIKE = (
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|eot_id|>' -}}{%- endgeneration -%}"
-    "{%- else -%}"
-    "{{- message['content'] + '<|eot_id|>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
-)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from posttrain import disk, manifest
 from posttrain.errors import PosttrainError
 from posttrain.stages import common, ppo, sft
 from tests.conftest import finished_checkpoints, read_losses
-from tests.stages.test_signals import ENV, ROOT, TRAINING, _config
+from tests.helpers import ENV, ROOT, TRAINING
+from tests.helpers import signals_config as _config
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,7 @@ from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.stages import dpo, sft
 from tests.conftest import read_losses
+from tests.helpers import OTHER_TEMPLATE
 
 LN2 = math.log(2)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
@@ -277,18 +278,6 @@ def test_base_that_is_not_a_finished_stage_is_refused(dpo_config, sft_full, tmp_
 # ---------------------------------------------------------------------------------------------
 # Cross-stage template check
 
-OTHER_TEMPLATE = (  # ChatML tokens and generation markers, but "role:" headers for non-assistant turns
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + ':\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 
 @pytest.mark.parametrize("allow", [False, True])

@@ -36,6 +36,8 @@ from posttrain.errors import PosttrainError
 from posttrain.rl import rollout
 from posttrain.stages import merge, ppo, reward, sft
 from tests.conftest import finished_checkpoints, tensorboard_scalars, weights_moved
+from tests.helpers import ppo_chain_raw as _raw
+from tests.helpers import ppo_section as _ppo
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -45,35 +47,6 @@ STYLE = re.compile(r"^\s*\d+ \+ \d+ = \d+\s*$")  # the concise style, whatever t
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _raw(tiny_dir, demo_data, out_root, **sections) -> dict:
-    return {
-        "model": {"name_or_path": str(tiny_dir)},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
-                    "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
-            "reward": {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}],
-                       "eval": [{"path": str(demo_data / "reward_eval.jsonl")}]},
-        },
-        "output_dir": str(out_root),
-        "seed": 0,
-        # long enough for the tiny model to write both styles (so there is a preference to act on)
-        "sft": {"training": {"max_steps": 300, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
-                             "logging_steps": 50, "save_steps": 1000, "max_length": 64,
-                             "gradient_checkpointing": False}},
-        "reward": {"data": "reward",
-                   "training": {"max_steps": 20, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
-                                "logging_steps": 5, "save_steps": 1000, "max_length": 64,
-                                "gradient_checkpointing": False}},
-        **sections,
-    }
-
-
-def _ppo(rm_dir, **extra) -> dict:
-    """A short PPO section: 8 prompts per rollout, answers of at most 12 tokens."""
-    return {"reward_model": str(rm_dir), "steps": 4, "batch_size": 8, "mini_batch_size": 4,
-            "max_new_tokens": 12, "learning_rate": 1e-3, "sample_every": 1000, "save_steps": 1000, **extra}
 
 
 def _logs(out) -> list[dict]:

@@ -9,7 +9,6 @@ DPO here; PPO's are in test_ppo.py, the chain's (DPO under `posttrain run`) in t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,17 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain import manifest
 from tests.conftest import finished_checkpoints
+from tests.helpers import ENV, ROOT, STEPS
+from tests.helpers import signals_config as _config
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
-STEPS = 60
-TRAINING = {"max_steps": STEPS, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1,
-            "save_steps": 1000, "max_length": 64, "gradient_checkpointing": False}
 
 pytestmark = pytest.mark.slow
 
@@ -39,24 +33,6 @@ def _cli(*args) -> list[str]:
 def _losses(out: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def _config(tmp_path: Path, tiny_dir, demo_data) -> Path:
-    raw = {
-        "model": {"name_or_path": str(tiny_dir)},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}]},
-            "style": {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}]},
-        },
-        "output_dir": str(tmp_path / "out"), "seed": 0,
-        "sft": {"training": dict(TRAINING)},
-        "reward": {"data": "style", "training": dict(TRAINING)},
-        "dpo": {"data": "style", "method": "lora", "reference": "adapter_disabled",
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "training": dict(TRAINING)},
-    }
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return p
 
 
 @pytest.mark.parametrize(("stage", "sig"), [
