@@ -79,3 +79,31 @@ def test_the_header_gives_the_chain_time_not_the_last_runs():
         "chain time 812 s (the last run, which skipped up-to-date stages: 0 s)"
     assert _chain_time({"chain_time_s": 812.4, "wall_time_s": 815.0}) == "chain time 812 s"  # a full run
     assert _chain_time({"wall_time_s": 3.0}) == "wall time 3.0 s"  # an older record
+
+
+def _model(label, parent, exact, reward, kl=None):
+    dec = {"scores": {"exact": exact}, "reward": {"mean": reward}, "ended": 1.0, "length": 5.0, "distinct_2": 0.1}
+    if kl is not None:
+        dec["kl"] = {"mean": kl}
+    return {"label": label, "parent": parent, "decodings": {"greedy": dec, "sampled": dec}}
+
+
+def test_the_verdict_opens_with_each_stage_against_its_parent_and_the_control():
+    """Issue 17: per stage, the change against its parent (sampled decoding), KL, time, and the
+    difference to the control for the stages after it; the base (no parent) has no row."""
+    from posttrain.report import verdict_blocks
+
+    ev = {"settings": {"decoding": [{"name": "greedy", "temperature": 0.0}, {"name": "sampled", "temperature": 1.0}]},
+          "models": [_model("base", None, 0.0, -1.0), _model("sft", "base", 0.5, 1.0, 0.0),
+                     _model("control", "sft", 0.6, 0.5, 0.7), _model("ppo", "sft", 0.55, 2.0, 0.1)]}
+    stages = [{"stage": "sft", "seconds": 54.8}, {"stage": "control", "seconds": 31.7},
+              {"stage": "ppo", "seconds": 21.3}]
+    (h, title), (p, text), (t, table) = verdict_blocks(ev, stages)
+    assert (h, title, p, t) == ("h2", "Verdict", "p", "table") and "sampled decoding" in text
+    assert table.header == ["stage", "from", "change", "KL to ref", "time", "beyond the control"]
+    assert table.rows == [
+        ["sft", "base", "exact +50.0 pt, reward +2", "0", "55 s", "–"],
+        ["control", "sft", "exact +10.0 pt, reward -0.5", "0.7", "32 s", "–"],
+        ["ppo", "sft", "exact +5.0 pt, reward +1", "0.1", "21 s", "exact -5.0 pt, reward +1.5"],
+    ]
+    assert verdict_blocks({**ev, "models": ev["models"][:1]}, stages) == []  # only the base: no verdict

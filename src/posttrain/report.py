@@ -73,6 +73,7 @@ def write(output_dir: str | Path) -> tuple[Path, Path]:
                         f"git {chain.get('git_commit') or 'unknown'}; "
                         + ", ".join(f"{k} {v}" for k, v in (chain.get("versions") or {}).items() if v) + "."))
     if ev:
+        blocks += verdict_blocks(ev, stages)
         blocks += eval_blocks(ev, figures)
     blocks += curve_blocks(stages, figures)
     blocks += lineage_blocks(stages)
@@ -87,6 +88,42 @@ def write(output_dir: str | Path) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------
 # Sections
+
+
+def verdict_blocks(ev: dict, stages: list[dict]) -> list[Block]:
+    """The verdict first: per evaluated stage, what it changed against its parent (each score and
+    the reward, in the sampled decoding when there is one), at what KL and training time, and
+    whether it beat the control (more SFT for the same compute) on each score."""
+    models, decodings = ev["models"], ev["settings"]["decoding"]
+    name = next((d["name"] for d in decodings if d["temperature"] > 0), decodings[0]["name"])
+    by_label = {m["label"]: m for m in models}
+    seconds = {r["stage"]: r.get("seconds") for r in stages}
+    control = by_label.get("control")
+    order = [m["label"] for m in models]
+    cols = [c for c in _columns(models, name) if c[0] not in ("ended", "length", "distinct-2", "KL to ref")
+            and not c[0].startswith("win")]
+    rows = []
+    for m in models:
+        parent = by_label.get(m.get("parent"))
+        if parent is None:  # the base model: nothing it was trained from
+            continue
+        d, before = m["decodings"][name], parent["decodings"][name]
+        changes = ", ".join(f"{h} {_delta(get(d), get(before), kind)}" for h, get, kind in cols)
+        beyond = "–"
+        if control is not None and m is not control and order.index(m["label"]) > order.index("control"):
+            c = control["decodings"][name]
+            beyond = ", ".join(f"{h} {_delta(get(d), get(c), kind)}" for h, get, kind in cols)
+        kl = d.get("kl", {}).get("mean")
+        took = seconds.get(m["label"])
+        rows.append([m["label"], m["parent"], changes, _fmt(kl, "num") if kl is not None else "–",
+                     f"{took:.0f} s" if took is not None else "–", beyond])
+    if not rows:
+        return []
+    return [("h2", "Verdict"),
+            ("p", f"Each stage against the model it was trained from ({name} decoding; the tables below have "
+                  "every decoding and metric), its KL to the reference, its training time, and what it did beyond "
+                  "the control (the SFT model trained on with SFT for the same compute)."),
+            ("table", Table(["stage", "from", "change", "KL to ref", "time", "beyond the control"], rows))]
 
 
 def eval_blocks(ev: dict, figures: Path) -> list[Block]:
