@@ -24,14 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_logprobs import _status_mb  # scripts/ is on the path when a script runs
+
 SMOLLM2 = Path.home() / ".cache/posttrain/gguf/SmolLM2-135M-Instruct.Q4_1-b179c9523d0e"
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def one(way: str, model_dir: str, batch: int, micro: int, tokens: int, response: int) -> dict:

@@ -34,15 +34,23 @@ def signals_config(tmp_path: Path, tiny_dir, demo_data) -> Path:
     return p
 
 
+def sft_and_style_data(demo_data, limit: int | None = None, eval_limit: int | None = None,
+                       pairs: str = "reward") -> dict:
+    """The `data:` section of the demo's SFT rows and style pairs (named `pairs`), each with its
+    held-out split, optionally cut to `limit` training / `eval_limit` held-out rows."""
+    def source(name: str, n: int | None) -> list[dict]:
+        return [{"path": str(demo_data / name), **({"limit": n} if n is not None else {})}]
+
+    return {"sft": {"kind": "sft", "train": source("sft_train.jsonl", limit),
+                    "eval": source("sft_eval.jsonl", eval_limit)},
+            pairs: {"kind": "preference", "train": source("reward_train.jsonl", limit),
+                    "eval": source("reward_eval.jsonl", eval_limit)}}
+
+
 def ppo_chain_raw(tiny_dir, demo_data, out_root, **sections) -> dict:
     return {
         "model": {"name_or_path": str(tiny_dir)},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
-                    "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
-            "reward": {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}],
-                       "eval": [{"path": str(demo_data / "reward_eval.jsonl")}]},
-        },
+        "data": sft_and_style_data(demo_data),
         "output_dir": str(out_root),
         "seed": 0,
         # long enough for the tiny model to write both styles (so there is a preference to act on)

@@ -33,6 +33,7 @@ from posttrain import manifest
 from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from tests.conftest import read_losses
+from tests.helpers import sft_and_style_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,15 +55,9 @@ def _online_training(**extra) -> dict:
 
 def _raw(tiny_dir, demo_data, root, stages: list[str], methods: dict[str, str], **sections) -> dict:
     """A config naming `stages` in order, each training stage with its method; small data."""
-    d = demo_data
     raw = {
         "model": {"name_or_path": str(tiny_dir)},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(d / "sft_train.jsonl"), "limit": 48}],
-                    "eval": [{"path": str(d / "sft_eval.jsonl"), "limit": 16}]},
-            "preference": {"kind": "preference", "train": [{"path": str(d / "reward_train.jsonl"), "limit": 48}],
-                           "eval": [{"path": str(d / "reward_eval.jsonl"), "limit": 16}]},
-        },
+        "data": sft_and_style_data(demo_data, 48, 16, pairs="preference"),
         "stages": stages,
         "output_dir": str(root),
         "seed": 0,

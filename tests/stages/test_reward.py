@@ -24,6 +24,7 @@ from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.stages import reward, sft
+from tests.helpers import sft_and_style_data
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -35,12 +36,7 @@ def _raw(tiny_dir, demo_data, out_root, **sections) -> dict:
     """SFT data (the chain's) and the demo's style pairs as `data.reward`, with held-out pairs."""
     return {
         "model": {"name_or_path": str(tiny_dir)},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
-                    "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
-            "reward": {"kind": "preference", "train": [{"path": str(demo_data / "reward_train.jsonl")}],
-                       "eval": [{"path": str(demo_data / "reward_eval.jsonl")}]},
-        },
+        "data": sft_and_style_data(demo_data),
         "output_dir": str(out_root),
         "seed": 0,
         "sft": {"training": {"max_steps": 30, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
