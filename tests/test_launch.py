@@ -299,16 +299,14 @@ def test_posttrains_ppo_refuses_sharded_processes(monkeypatch):
     import accelerate.state
     from accelerate.state import DistributedType
 
-    from posttrain.stages import common
-
     for kind, plugin in ((DistributedType.FSDP, "fsdp_plugin"), (DistributedType.DEEPSPEED, "deepspeed_plugin")):
         fake = SimpleNamespace(distributed_type=kind, num_processes=4, fsdp_plugin=SimpleNamespace(fsdp_version=2),
                                deepspeed_plugin=SimpleNamespace(zero_stage=3))
         monkeypatch.setattr(accelerate.state, "AcceleratorState", type("S", (), {"_shared_state": {"x": 1},
                                                                               "__new__": lambda cls: fake}))
-        assert common.distribution() == f"4 processes, {'FSDP2' if plugin == 'fsdp_plugin' else 'DeepSpeed ZeRO-3'}"
+        assert launch.distribution() == f"4 processes, {'FSDP2' if plugin == 'fsdp_plugin' else 'DeepSpeed ZeRO-3'}"
         with pytest.raises(PosttrainError, match="PPO runs on several processes with DDP only"):
-            common.distribution(sharded=False)
+            launch.distribution(sharded=False)
 
 
 @pytest.mark.parametrize("strategy", launch.STRATEGIES)

@@ -41,7 +41,7 @@ class TrainingGuard(TrainerCallback):
                 "the model has no trainable parameters",
                 fix="check the method (full/lora/qlora) and lora.target_modules",
             )
-        from posttrain.stages.common import distribution
+        from posttrain.launch import distribution
 
         distribution()  # the processes are set up as the launch asked (FSDP on CPUs is not)
         if state.is_world_process_zero:

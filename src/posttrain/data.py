@@ -23,8 +23,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from posttrain.config import DataConfig, SourceConfig
 from posttrain.errors import PosttrainError
+
+if TYPE_CHECKING:
+    from posttrain import models
+    from posttrain.config import Config
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLE_MAP = {
@@ -411,3 +417,69 @@ def _convert(ds, shape: str, src: SourceConfig, system_prompt: str | None):
     if bad:
         converted = converted.select([i for i, e in enumerate(errors) if e is None])
     return converted.remove_columns(_ERROR), bad
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage's formatted data: formatted and checked now, or read back from the format stage's output
+
+
+def format_and_check(cfg: Config, name: str, tok: models.TokenizerInfo):
+    """Format `data.<name>` and run the template checks on it; shared with `sft` and `preview`."""
+    from posttrain import templates
+    from posttrain.console import console
+
+    dc = cfg.data[name]
+    with console.status(f"formatting data.{name}"):
+        f = format_dataset(name, dc, cfg.template.system_prompt)
+    for s, i, reason in f.dropped[:5]:
+        console.print(f"[yellow]dropped[/] {s} row {i}: {reason}")
+    if len(f.dropped) > 5:
+        console.print(f"[yellow]dropped[/] {len(f.dropped) - 5} more rows (listed in the manifest)")
+    max_length = (cfg.sft if dc.kind == "sft" else cfg.dpo).training.get("max_length", 1024)
+    stats = templates.check_rows(f.train, dc.kind, tok.tokenizer, tok.eot_id, name, max_length=max_length)
+    if stats["over_max_length"]:
+        console.print(
+            f"[yellow]warning[/] {stats['over_max_length']} of the checked samples of data.{name} are longer "
+            f"than max_length {max_length} and will be truncated"
+        )
+    return f, stats
+
+
+def load_formatted(directory: str | Path, name: str):
+    """Read a finished format stage's dataset back: (train, eval or None)."""
+    import datasets
+
+    d = Path(directory) / name
+    train = datasets.load_dataset("parquet", data_files=str(d / "train.parquet"), split="train")
+    ev = d / "eval.parquet"
+    return train, datasets.load_dataset("parquet", data_files=str(ev), split="train") if ev.exists() else None
+
+
+def stage_data(cfg: Config, name: str, tok: models.TokenizerInfo):
+    """A training stage's dataset: from this config's finished format stage when it matches, else
+    formatted (and checked) now. Returns (train, eval or None, record for the manifest)."""
+    from posttrain import manifest
+    from posttrain.console import console
+
+    fmt_dir = Path(cfg.output_dir) / "format"
+    m = manifest.read(fmt_dir) if manifest.is_finished(fmt_dir) else None
+    if m and _format_matches(m, cfg, name, tok):
+        train, ev = load_formatted(fmt_dir, name)
+        console.print(f"data.{name}: using the formatted data in {fmt_dir}")
+        return train, ev, {"name": name, "format_dir": str(fmt_dir), "format_hash": manifest.directory_hash(fmt_dir),
+                           "files": m["datasets"][name]["files"], "rows": len(train)}
+    f, stats = format_and_check(cfg, name, tok)
+    return f.train, f.eval, {"name": name, "files": f.files, "rows": len(f.train), "dropped": len(f.dropped),
+                             "checks": stats}
+
+
+def _format_matches(m: dict, cfg: Config, name: str, tok: models.TokenizerInfo) -> bool:
+    """The format stage's output is this config's data: same sources, template and file contents."""
+    if name not in m.get("datasets", {}) or m.get("template_hash") != tok.template_hash:
+        return False
+    if m["config"]["data"].get(name) != cfg.data[name].model_dump(mode="json"):
+        return False
+    if m["config"].get("template") != cfg.template.model_dump(mode="json"):
+        return False
+    recorded = m["datasets"][name]["files"]
+    return all(Path(p).is_file() and file_hash(p) == h for p, h in recorded.items())

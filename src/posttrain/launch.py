@@ -266,3 +266,49 @@ def _forward_signals(proc: subprocess.Popen) -> dict:
             pass
 
     return {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a launched process: how accelerate set the processes up
+
+
+def distribution(*, sharded: bool = True) -> str:
+    """How the stage's processes share the work, as accelerate set it up (for the summary and the
+    manifest), after stopping a run whose setup is not what its launch asked for: a config that
+    asks for FSDP or DeepSpeed on CPUs gets plain DDP from accelerate 1.15, each process holding
+    the whole model, and nothing says so. `sharded=False` refuses FSDP and DeepSpeed (posttrain's
+    own PPO generates from and saves whole weights)."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    # the state the stage's trainer/Accelerator set up (the processes' alone before one exists)
+    state = AcceleratorState() if AcceleratorState._shared_state else process_state()
+    kind, n = state.distributed_type, state.num_processes
+    names = {DistributedType.MULTI_CPU: "DDP over gloo", DistributedType.MULTI_GPU: "DDP"}
+    if kind == DistributedType.FSDP:
+        names[kind] = f"FSDP{state.fsdp_plugin.fsdp_version if state.fsdp_plugin else ''}"
+    elif kind == DistributedType.DEEPSPEED:
+        names[kind] = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    text = "1 process" if n == 1 else f"{n} processes, {names.get(kind, kind.value)}"
+    flag = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731 (accelerate's launch sets these)
+    asked = "FSDP" if flag("ACCELERATE_USE_FSDP") else "DeepSpeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
+    if asked and not names.get(kind, "").startswith(asked):
+        raise PosttrainError(
+            f"the launch asked for {asked}, but accelerate set up {text}: it shards only over GPUs, and every "
+            "process would hold the whole model",
+            fix="launch with --distributed ddp on CPUs, or run on a GPU machine")
+    if not sharded and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise PosttrainError(
+            f"posttrain's PPO runs on several processes with DDP only, not {names[kind]}: it generates from and "
+            "saves whole weights",
+            fix="launch ppo with --distributed ddp (or none), or use rloo/grpo, which run TRL's trainers")
+    return text
+
+
+def process_state():
+    """accelerate's process state, set up as the trainers will set it up. On a machine without a
+    GPU it must be asked for CPU processes: a plain PartialState() there sees no GPU, falls back to
+    one process, and every launched process would call itself the main one."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -100,6 +100,11 @@ def control_steps(cfg: Config, sft_dir: str | None = None) -> tuple[int | None, 
     return max(1, math.ceil(sum(matched.values()) / batch)), matched
 
 
+def chain_reward_dir(cfg: Config) -> str:
+    """The reward stage's output in this config's chain: the RL stages' reward model unless they name one."""
+    return str(Path(cfg.output_dir) / "reward")
+
+
 def reads_of(cfg: Config, stage: str) -> list[str]:
     """Directories a stage reads besides its parent: part of its key, so that a change in any of
     them reruns it. RL stages: their reward models; eval: every model it compares and its judges;
@@ -110,7 +115,7 @@ def reads_of(cfg: Config, stage: str) -> list[str]:
         return [p for _, p in eval_models(cfg)] + [p for p in eval_judges(cfg) if p]
     if stage not in RL_STAGES:
         return []
-    chain_rm = str(Path(cfg.output_dir) / "reward")
+    chain_rm = chain_reward_dir(cfg)
     if stage == "ppo":
         return [cfg.ppo.reward_model or chain_rm] + ([cfg.ppo.value_model] if cfg.ppo.value_model else [])
     return [r.model or chain_rm for r in getattr(cfg, stage).rewards if r.function is None]

@@ -47,6 +47,9 @@ from posttrain.config import Config
 from posttrain.errors import PosttrainError
 
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Positions whose full-vocabulary logits exist at once in rl/logprobs (Gemma-3: 128 × 262,144 × 4 bytes
+# = 128 MB per fp32 copy); defined here, below rl/, so that the estimate can count it.
+CHUNK_TOKENS = 128
 FUSED_TILE = 4096 * 32768  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE × trl's _CHUNKED_LOGPROB_CHUNK_SIZE
 ONLINE_PROMPT_TOKENS = 256  # TRL 1.16's GRPO/RLOO configs have no prompt limit: assume this many prompt tokens
 STAGES = ("sft", "control", "reward", "ppo", "rloo", "grpo", "dpo")
@@ -322,8 +325,6 @@ def _logits(s: Settings, arch: Arch, n: int, a: int) -> int:
         # checkpointed under gradients, so one chunk's logits exist at once: in the activation dtype,
         # the temperature-scaled fp32 copy, log-softmax, exp and the entropy product, and in backward
         # their gradients; plus the body's hidden states at the response positions (+ ptx positions).
-        from posttrain.rl.logprobs import CHUNK_TOKENS
-
         m, r = s.batch, s.completion
         chunk = min(CHUNK_TOKENS or m * r, max(m * r, 1))
         return chunk * v * (a + 16) * 2 + (m * r + m * s.ptx) * h * (a + 4)
@@ -342,7 +343,7 @@ def estimate_stage(cfg: Config, stage: str, source: str, *, cuda: bool | None = 
 
 
 def stage_settings(cfg: Config, stage: str, source: str, *, cuda: bool | None = None) -> Settings:
-    from posttrain.rl import rewards
+    from posttrain import lineage
 
     if stage not in STAGES:
         raise PosttrainError(f"no memory estimate for stage '{stage}'", fix=f"one of: {', '.join(STAGES)}")
@@ -363,7 +364,7 @@ def stage_settings(cfg: Config, stage: str, source: str, *, cuda: bool | None = 
                   mask=1 if cuda else 4)  # CUDA's fused dropout keeps a bool mask, the CPU one a float tensor
     if stage == "ppo":
         pc = cfg.ppo
-        rm = pc.reward_model or rewards.chain_reward_dir(cfg)
+        rm = pc.reward_model or lineage.chain_reward_dir(cfg)
         reward = _reward_arch(cfg, rm, arch)
         return Settings(**common, act=dtype, batch=pc.mini_batch_size // pc.gradient_accumulation_steps,
                         accumulation=pc.gradient_accumulation_steps, seq=pc.max_prompt_length + pc.max_new_tokens,
@@ -376,7 +377,7 @@ def stage_settings(cfg: Config, stage: str, source: str, *, cuda: bool | None = 
     if stage in ("rloo", "grpo"):
         seq = ONLINE_PROMPT_TOKENS + (t.get("max_completion_length") or 512)
         reference = "copy" if t.get("beta", TRL_BETA[stage]) != 0 else "none"
-        rms = tuple(_reward_arch(cfg, r.model or rewards.chain_reward_dir(cfg), arch)
+        rms = tuple(_reward_arch(cfg, r.model or lineage.chain_reward_dir(cfg), arch)
                     for r in sc.rewards if r.function is None)
     else:
         seq = t.get("max_length", 1024) or arch.positions or 1024  # None: no truncation

@@ -6,11 +6,10 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from posttrain import models, templates
+from posttrain import data, models, templates
 from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
-from posttrain.stages import format as format_stage
 
 STAGE_DATA = {"sft": lambda cfg: cfg.sft.data, "dpo": lambda cfg: cfg.dpo.data}
 
@@ -24,7 +23,7 @@ def show(cfg: Config, stage: str, n: int) -> None:
     if name not in cfg.data:
         raise PosttrainError(f"{stage}.data names '{name}', which is not under data:")
     tok = models.load_tokenizer(cfg)
-    f, stats = format_stage.format_and_check(cfg, name, tok)
+    f, stats = data.format_and_check(cfg, name, tok)
     kind = cfg.data[name].kind
     for i in range(min(n, len(f.train))):
         for j, conv in enumerate(templates.conversations(f.train[i], kind)):

@@ -66,8 +66,10 @@ def _raw(tiny_dir, demo_data, root, stages: list[str], methods: dict[str, str], 
         "dpo": {"training": _trl_training(1e-2, beta=0.1)},
         "ppo": {"steps": STEPS, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6, "learning_rate": 1e-3,
                 "save_steps": 100, "allow_weak_reward_model": True},
-        "rloo": {"training": _online_training(), "allow_weak_reward_model": True},
-        "grpo": {"training": _online_training(), "allow_weak_reward_model": True},
+        # completions of 6 tokens rarely end: scored as they are (the missing-end-of-turn penalty would
+        # give every one the same score, and nothing would train)
+        "rloo": {"training": _online_training(), "allow_weak_reward_model": True, "missing_eot_penalty": None},
+        "grpo": {"training": _online_training(), "allow_weak_reward_model": True, "missing_eot_penalty": None},
         "merge": {},
     }
     for stage, method in methods.items():

@@ -21,9 +21,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Positions whose full-vocabulary logits exist at once (Gemma-3: 128 × 262,144 × 4 bytes = 128 MB
-# per fp32 copy). Read at each call, so a test (or a future config field) can change it.
-CHUNK_TOKENS = 128
+# CHUNK_TOKENS: positions whose full-vocabulary logits exist at once. Defined in posttrain.memory,
+# whose estimate counts it; a global of this module too, read at each call, so a test (or a future
+# config field) can change it here.
+from posttrain.memory import CHUNK_TOKENS
 
 
 def causal_lm(model):

@@ -4,16 +4,14 @@ check answers receive it as a keyword argument)."""
 
 from __future__ import annotations
 
-from posttrain import models
+from posttrain import data, models
 from posttrain.config import Config
 from posttrain.errors import PosttrainError
 
 
 def prompt_data(cfg: Config, name: str, tok: models.TokenizerInfo):
     """(train, eval or None, record) with columns `prompt` (messages) and `reference` (text)."""
-    from posttrain.stages import format as format_stage
-
-    train, ev, record = format_stage.stage_data(cfg, name, tok)
+    train, ev, record = data.stage_data(cfg, name, tok)
     kind = cfg.data[name].kind
 
     def convert(ds):

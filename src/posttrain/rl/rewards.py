@@ -20,13 +20,9 @@ import sys
 from pathlib import Path
 
 from posttrain import manifest, models, templates
-from posttrain.config import Config, RewardGate
+from posttrain.config import RewardGate
 from posttrain.console import console
 from posttrain.errors import PosttrainError
-
-
-def chain_reward_dir(cfg: Config) -> str:
-    return str(Path(cfg.output_dir) / "reward")
 
 
 def resolve_reward_model(path: str, stage: str) -> str:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import lineage, manifest, models, templates
+from posttrain import launch, lineage, manifest, models, templates
 from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
@@ -108,7 +108,7 @@ def _least_across_processes(value: int) -> int:
     import torch
     import torch.distributed as dist
 
-    state = _process_state()
+    state = launch.process_state()
     if state.num_processes < 2 or not dist.is_initialized():
         return value
     t = torch.tensor([float(value)], device=state.device)
@@ -222,42 +222,8 @@ def speed_line(args, model) -> str:
         parts.append("Liger kernels")
     parts.append(f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}")
     parts.append(str(getattr(args.optim, "value", args.optim)))
-    parts.append(distribution())
+    parts.append(launch.distribution())
     return ", ".join(parts)
-
-
-def distribution(*, sharded: bool = True) -> str:
-    """How the stage's processes share the work, as accelerate set it up (for the summary and the
-    manifest), after stopping a run whose setup is not what its launch asked for: a config that
-    asks for FSDP or DeepSpeed on CPUs gets plain DDP from accelerate 1.15, each process holding
-    the whole model, and nothing says so. `sharded=False` refuses FSDP and DeepSpeed (posttrain's
-    own PPO generates from and saves whole weights)."""
-    import os
-
-    from accelerate.state import AcceleratorState, DistributedType
-
-    # the state the stage's trainer/Accelerator set up (the processes' alone before one exists)
-    state = AcceleratorState() if AcceleratorState._shared_state else _process_state()
-    kind, n = state.distributed_type, state.num_processes
-    names = {DistributedType.MULTI_CPU: "DDP over gloo", DistributedType.MULTI_GPU: "DDP"}
-    if kind == DistributedType.FSDP:
-        names[kind] = f"FSDP{state.fsdp_plugin.fsdp_version if state.fsdp_plugin else ''}"
-    elif kind == DistributedType.DEEPSPEED:
-        names[kind] = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
-    text = "1 process" if n == 1 else f"{n} processes, {names.get(kind, kind.value)}"
-    flag = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731 (accelerate's launch sets these)
-    asked = "FSDP" if flag("ACCELERATE_USE_FSDP") else "DeepSpeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
-    if asked and not names.get(kind, "").startswith(asked):
-        raise PosttrainError(
-            f"the launch asked for {asked}, but accelerate set up {text}: it shards only over GPUs, and every "
-            "process would hold the whole model",
-            fix="launch with --distributed ddp on CPUs, or run on a GPU machine")
-    if not sharded and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise PosttrainError(
-            f"posttrain's PPO runs on several processes with DDP only, not {names[kind]}: it generates from and "
-            "saves whole weights",
-            fix="launch ppo with --distributed ddp (or none), or use rloo/grpo, which run TRL's trainers")
-    return text
 
 
 def check_saved(out: Path, tok: models.TokenizerInfo, method: str) -> None:
@@ -467,7 +433,7 @@ def global_batch_size(args) -> int:
 def start_output(out: Path, key: str, *, resume: bool) -> None:
     """The main process clears/creates the stage directory and marks it started; the others wait
     for it, so none writes into (or builds a trainer over) a directory that is being cleared."""
-    state = _process_state()
+    state = launch.process_state()
     if state.is_main_process:
         manifest.prepare_output(out, overwrite=True, resume=resume)
         lineage.mark_started(out, key)
@@ -476,17 +442,7 @@ def start_output(out: Path, key: str, *, resume: bool) -> None:
 
 def trainer_is_main() -> bool:
     """True on the main process (or when not distributed): only it writes stage files."""
-    return _process_state().is_main_process
-
-
-def _process_state():
-    """accelerate's process state, set up as the trainers will set it up. On a machine without a
-    GPU it must be asked for CPU processes: a plain PartialState() there sees no GPU, falls back to
-    one process, and every launched process would call itself the main one."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
+    return launch.process_state().is_main_process
 
 
 def finished(out: Path) -> None:

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from posttrain import lineage, manifest, models
+from posttrain import data, lineage, manifest, models
 from posttrain.config import Config, stage_output
 from posttrain.console import peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
-from posttrain.stages import format as format_stage
 
 PROBE_PAIRS = 256  # pairs for the step-0 check and the before/after numbers when there is no eval set
 EARLY_STEPS = 10  # "within the first steps" for the collapse alarm (or 5% of the run, if longer)
@@ -60,7 +59,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 2. tokenizer, template and data, checked against the starting stage before loading a model
     tok = models.load_tokenizer(cfg, source, need_masks=False)
     common.check_agrees_with_parent(source, tok, allow=dc.allow_template_mismatch, setting="dpo.allow_template_mismatch")
-    train_ds, eval_ds, data_record = format_stage.stage_data(cfg, dc.data, tok)
+    train_ds, eval_ds, data_record = data.stage_data(cfg, dc.data, tok)
     held = eval_ds if eval_ds is not None else train_ds.select(range(min(PROBE_PAIRS, len(train_ds))))
 
     # 3. policy, reference, trainer

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain import gguf, lineage, manifest, metrics, models
+from posttrain import data, gguf, lineage, manifest, metrics, models
 from posttrain.config import Config, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
@@ -276,10 +276,9 @@ def _prompt_ids(tok: models.TokenizerInfo, messages: list[dict]) -> list[int]:
 def held_out(cfg: Config, tok: models.TokenizerInfo) -> HeldOut:
     """The eval splits, formatted as the training stages read them, cut to eval.max_samples."""
     from posttrain.rl.prompts import to_prompt
-    from posttrain.stages import format as format_stage
 
     ec = cfg.eval
-    _, ev, _ = format_stage.stage_data(cfg, ec.data, tok)
+    _, ev, _ = data.stage_data(cfg, ec.data, tok)
     if ev is None or len(ev) == 0:
         raise PosttrainError(f"eval: data.{ec.data} has no held-out rows",
                              fix=f"add data.{ec.data}.eval sources or set data.{ec.data}.eval_fraction")
@@ -296,7 +295,7 @@ def held_out(cfg: Config, tok: models.TokenizerInfo) -> HeldOut:
     pairs = []
     name = lineage.eval_pairs(cfg)
     if name is not None:
-        _, pev, _ = format_stage.stage_data(cfg, name, tok)
+        _, pev, _ = data.stage_data(cfg, name, tok)
         if (pev is None or len(pev) == 0) and ec.pairs is not None:
             raise PosttrainError(f"eval.pairs: data.{name} has no held-out pairs",
                                  fix=f"add data.{name}.eval sources or set data.{name}.eval_fraction")
@@ -334,7 +333,7 @@ def generate(model, tok: models.TokenizerInfo, prompts: list[list[dict]], *, tem
 def load_scorers(cfg: Config) -> dict:
     """name -> f(prompts, texts, references) -> one score (or None: abstain) per response. A
     `function` scorer is imported once and called as an RL reward function is, with the same checks
-    (rl.online.wrap_function: keywords it doesn't take are not passed; a raise, a wrong length or a
+    (stages/online.wrap_function: keywords it doesn't take are not passed; a raise, a wrong length or a
     non-finite number is a one-line error)."""
     out = {}
     for s in cfg.eval.scorers:
@@ -345,8 +344,8 @@ def load_scorers(cfg: Config) -> dict:
         elif s.kind == "regex":
             out[s.name] = lambda p, t, r, pattern=s.pattern: metrics.regex(pattern, t, r)
         else:
-            from posttrain.rl.online import wrap_function
             from posttrain.rl.rewards import load_function
+            from posttrain.stages.online import wrap_function
 
             fn = wrap_function(load_function(s.function, cfg._source_dir), s.function, s.name, f"eval scorer '{s.name}'")
             if inspect.iscoroutinefunction(fn):

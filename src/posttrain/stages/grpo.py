@@ -5,7 +5,7 @@ models and/or Python functions, summed with their weights) and pushes the policy
 completions that beat their group's mean. With `grpo.training.beta` > 0 (TRL's default is 0) a
 KL penalty keeps it near the starting model.
 
-The stage body, shared with rloo, is `posttrain.rl.online.run`: the starting policy and its
+The stage body, shared with rloo, is `posttrain.stages.online.run`: the starting policy and its
 checks, rewards resolved and gated before any weights load, the reference, training, saving and
 the manifest.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config import Config
-from posttrain.rl import online
+from posttrain.stages import online
 
 
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,

@@ -30,7 +30,7 @@ import signal
 import time
 from pathlib import Path
 
-from posttrain import disk, lineage, manifest, models
+from posttrain import data, disk, launch, lineage, manifest, models
 from posttrain.config import Config, PPOStageConfig, stage_output
 from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
@@ -69,7 +69,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 1. where PPO starts, and what it optimises
     source = common.resolve_base(base or common.default_base(cfg, "ppo"), allow_adapter=True)
     last_checkpoint = common.check_output(out, source, resume=resume, overwrite=overwrite)
-    rm_path = rewards.resolve_reward_model(pc.reward_model or rewards.chain_reward_dir(cfg), "ppo")
+    rm_path = rewards.resolve_reward_model(pc.reward_model or lineage.chain_reward_dir(cfg), "ppo")
     value_path = pc.value_model or rm_path
     key = lineage.stage_key(cfg, "ppo", source)
 
@@ -99,7 +99,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # first-rollout KL was 1.4e-3, not 0). So prepare() wraps nothing.
     accelerator.native_amp = False
     set_seed(cfg.seed + accelerator.process_index)
-    processes = common.distribution(sharded=False)
+    processes = launch.distribution(sharded=False)
     common.start_output(out, key, resume=resume)
     if pc.report_to:  # the trackers the HF trainers would use, fed the same numbers as metrics.jsonl
         accelerator.init_trackers("ppo", config={k: v for k, v in pc.model_dump().items()
@@ -212,9 +212,8 @@ def _ptx_examples(cfg: Config, pc: PPOStageConfig, tok) -> list | None:
     if pc.ptx_coef == 0:
         return None
     from posttrain.rl import rollout
-    from posttrain.stages import format as format_stage
 
-    train, _, _ = format_stage.stage_data(cfg, pc.ptx_data, tok)
+    train, _, _ = data.stage_data(cfg, pc.ptx_data, tok)
     return rollout.sft_examples(tok.tokenizer, train["messages"], cfg.sft.training.get("max_length", 1024))
 
 

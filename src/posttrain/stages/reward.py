@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from posttrain import lineage, manifest, models, numerics
+from posttrain import data, lineage, manifest, models, numerics
 from posttrain.config import Config, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.stages import common
-from posttrain.stages import format as format_stage
 
 PROBE_PAIRS = 256  # held-out sample for the metrics when there is no eval set
 CHECK_SEQUENCES = 16  # sequences for the padding, batch and reload checks
@@ -54,7 +53,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     tok = models.load_tokenizer(cfg, source, need_masks=False)
     common.check_agrees_with_parent(source, tok, allow=rc.allow_template_mismatch,
                                     setting="reward.allow_template_mismatch")
-    train_ds, eval_ds, data_record = format_stage.stage_data(cfg, rc.data, tok)
+    train_ds, eval_ds, data_record = data.stage_data(cfg, rc.data, tok)
     held = eval_ds if eval_ds is not None else train_ds.select(range(min(PROBE_PAIRS, len(train_ds))))
     held = held.map(_prompt_tokens, fn_kwargs={"tokenizer": tok.tokenizer})
 

@@ -5,7 +5,7 @@ models and/or Python functions, summed with their weights) and uses the mean sco
 completions of the same prompt as each one's baseline. `rloo.training.beta` (TRL's default 0.05)
 is the KL penalty to the starting model, folded into the reward.
 
-The stage body, shared with grpo, is `posttrain.rl.online.run`: the starting policy and its
+The stage body, shared with grpo, is `posttrain.stages.online.run`: the starting policy and its
 checks, rewards resolved and gated before any weights load, the reference, training, saving and
 the manifest.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.config import Config
-from posttrain.rl import online
+from posttrain.stages import online
 
 
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,

@@ -14,12 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from posttrain import lineage, manifest, models
+from posttrain import data, lineage, manifest, models
 from posttrain.config import Config, stage_output
 from posttrain.console import peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
-from posttrain.stages import format as format_stage
 
 
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,
@@ -36,7 +35,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 2. tokenizer, template and data, all checked before the model is loaded
     tok = models.load_tokenizer(cfg, source, need_masks=sc.assistant_only_loss)
-    train_ds, eval_ds, data_record = format_stage.stage_data(cfg, sc.data, tok)
+    train_ds, eval_ds, data_record = data.stage_data(cfg, sc.data, tok)
 
     # 3. model and trainer config
     from trl import SFTConfig, SFTTrainer

@@ -206,7 +206,7 @@ def resolve_rewards(cfg: Config, section: OnlineStageConfig, stage: str, tok: mo
             name = _unique(r.function.partition(":")[2], taken)
             out.append(Reward(name, r.weight, function=r.function, fn=wrap_function(fn, r.function, name, stage)))
             continue
-        path = rewards.resolve_reward_model(r.model or rewards.chain_reward_dir(cfg), stage)
+        path = rewards.resolve_reward_model(r.model or lineage.chain_reward_dir(cfg), stage)
         accuracy = rewards.check_gate(path, section, stage)
         rewards.check_same_tokenizer(tok, path, stage)
         out.append(Reward(_unique(Path(path).name or "reward_model", taken), r.weight, model=path, accuracy=accuracy))
