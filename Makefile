@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-gpu models demo real-demo test test-gpu bench sft chain clean clean-demo
+.PHONY: install install-gpu models demo real-demo test test-gpu lint bench sft chain clean clean-demo
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ models: install
 # models are fetched first). Tests marked cuda are for GPU runners.
 test: install models
 	$(BIN)/python -m pytest -q
+
+# Lint (CI runs it before the tests): ruff's pycodestyle, pyflakes and import-order rules, as
+# configured in pyproject.toml. A `noqa` comment is an exception someone has to justify.
+lint: install
+	$(BIN)/ruff check src tests scripts
 
 # GPU runners: the posttrain[gpu] extra, then the CUDA tests (QLoRA 4-bit, bf16, packing, Liger;
 # several GPUs when present). Fails when no GPU is visible; -rs prints every skip with its reason.

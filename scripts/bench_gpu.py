@@ -462,10 +462,9 @@ def quantize_4bit(model, spec: dict, device: str) -> int:
     """Replace every nn.Linear except the LM head with a bitsandbytes Linear4bit quantized from the
     random weights, with posttrain's bnb_config settings (from_pretrained would need the weights on
     disk). Returns how many layers were quantized."""
+    import bitsandbytes as bnb
     import torch
     from torch import nn
-
-    import bitsandbytes as bnb
 
     dtype = getattr(torch, spec["dtype"])
     quant = {"quant_type": "nf4", "compress_statistics": True, "quant_storage": dtype}
@@ -512,9 +511,8 @@ def skip_reason(arm: str, cuda: bool) -> str | None:
     if arm in QUANTIZED:
         if util.find_spec("bitsandbytes") is None:
             return "bitsandbytes is not importable"
-        import torch
-
         import bitsandbytes.functional as F
+        import torch
 
         try:  # a 4-bit round trip on the device that will train
             x = torch.randn(64, 64, dtype=torch.bfloat16, device="cuda" if cuda else "cpu")

@@ -730,7 +730,8 @@ def bench_stages(args) -> None:
                 mem[kind].append(rec["memory"])
                 reused = f"; format output reused: {'yes' if rec['reused_format'] else 'NO'}" \
                     if kind == "posttrain" else ""
-                print(f"  run {rep + 1} {kind:9}  {1000 * m:7.2f} ms/step (median of steps {args.window}-{args.steps}); "
+                print(f"  run {rep + 1} {kind:9}  {1000 * m:7.2f} ms/step "
+                      f"(median of steps {args.window}-{args.steps}); "
                       f"process wall {rec['wall_s']:.1f} s; {memory_line(rec['memory'])}{reused}", flush=True)
             if len(recs) < 2:
                 equivalent = False
@@ -759,7 +760,8 @@ def bench_stages(args) -> None:
         print(flush=True)
 
     print(f"load average at the end: {_load()}")
-    print(f"\n| stage | plain ms/step | posttrain ms/step | ratio posttrain/plain | spread of per-repeat ratios | repeats | "
+    print(f"\n| stage | plain ms/step | posttrain ms/step | ratio posttrain/plain | spread of per-repeat ratios | "
+          "repeats | "
           f"equivalent (max abs loss diff, steps 1-{min(args.proof_steps, args.steps)}) |")
     print("|---|---|---|---|---|---|---|")
     for stage, med, ratios, equivalent, maxdiff, _ in rows:
@@ -840,7 +842,8 @@ def bench_startup(args) -> None:
         print(f"| `{name}` | {statistics.median(walls):.3f} | {min(walls):.3f} | {max(walls):.3f} | {args.runs} | "
               f"{heavy} | {cli_s} | {total_us / 1e6:.3f} |", flush=True)
     print("\nwall: the console script .venv/bin/posttrain, process start to exit. imports: one more run under "
-          "`python -X importtime` calling posttrain.cli.main() the same way (a package counts as imported if any of its "
+          "`python -X importtime` calling posttrain.cli.main() the same way "
+          "(a package counts as imported if any of its "
           "modules is; 'all imports' sums the top-level cumulative times, interpreter start-up modules included).")
 
 
@@ -899,7 +902,8 @@ def tokenize_main(argv: list[str]) -> None:
     t = _time.perf_counter()
     train = datasets.load_dataset("parquet", data_files=parquet, split="train")
     load_s = _time.perf_counter() - t
-    args = SFTConfig(output_dir=str(Path(record).parent / "checkpoints"), max_length=max_length, assistant_only_loss=True,
+    args = SFTConfig(output_dir=str(Path(record).parent / "checkpoints"), max_length=max_length,
+                     assistant_only_loss=True,
                      bf16=False, report_to="none", max_steps=1, dataloader_num_workers=0)
     t = _time.perf_counter()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
@@ -916,9 +920,9 @@ def cache_files(cache: Path) -> int:
 def bench_format(args) -> None:
     header(args)
     sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_load import write_rows  # the same generated rows as bench_load.py format
-
     import yaml
+
+    from bench_load import write_rows  # the same generated rows as bench_load.py format
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -935,7 +939,8 @@ def bench_format(args) -> None:
            "output_dir": str(work / "format-chain"), "sft": {"training": {"max_length": max_length}}}
     cfg_path = work / f"format_{args.rows}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(f"data    {rows_file}: {args.rows:,} rows of the demo's SFT shape ({rows_file.stat().st_size / 2**20:.1f} MB); "
+    print(f"data    {rows_file}: {args.rows:,} rows of the demo's SFT shape "
+          f"({rows_file.stat().st_size / 2**20:.1f} MB); "
           f"tokenizer {tiny}; HF_DATASETS_CACHE {cache}")
     shutil.rmtree(cache, ignore_errors=True)
     results = {}
@@ -949,7 +954,8 @@ def bench_format(args) -> None:
         if rc:
             print(f"format ({run}) failed (exit {rc}):\n{tail(work / f'format_{run}.log')}")
             return
-        results[run] = {**json.loads(record.read_text()), "wall_s": wall, "new_cache_files": cache_files(cache) - before}
+        results[run] = {**json.loads(record.read_text()), "wall_s": wall,
+                        "new_cache_files": cache_files(cache) - before}
     # TRL's tokenization of the formatted rows (what sft does at trainer construction), cold and warm
     tcache = work / "hf-datasets-cache-tokenize"
     shutil.rmtree(tcache, ignore_errors=True)
@@ -984,17 +990,23 @@ def bench_format(args) -> None:
               f"{r['tokens'] / r['prepare_s']:,.0f} | {r['new_cache_files']} |")
     print("""
 What the rows mean:
-- stage s: posttrain.stages.format.run in-process; process wall adds interpreter start and the CLI's imports. tokenizer s:
+- stage s: posttrain.stages.format.run in-process; process wall adds interpreter start and the CLI's imports. \
+tokenizer s:
   models.load_tokenizer inside the stage, which is where transformers (and torch) are first imported; it does not grow
   with the data. data s = stage s - tokenizer s: loading, conversion, checks, parquet and manifest writes; rows/s and
   tokens/s are per data second. posttrain format converts every row (datasets.map, load_from_cache_file=False)
-  and renders/tokenizes only the first 1000 rows for its template checks (templates.check_rows limit); the tokens/s column
+  and renders/tokenizes only the first 1000 rows for its template checks (templates.check_rows limit); the \
+tokens/s column
   counts all tokens of the data against the stage time, it is not a tokenizer speed.
-- cold: empty HF_DATASETS_CACHE. warm: the cold run's cache kept, a new output directory. posttrain's conversion is never
-  read from the cache (load_from_cache_file=False), so warm can only reuse load_dataset's JSON -> Arrow build; "new files
+- cold: empty HF_DATASETS_CACHE. warm: the cold run's cache kept, a new output directory. posttrain's \
+conversion is never
+  read from the cache (load_from_cache_file=False), so warm can only reuse load_dataset's JSON -> Arrow build; \
+"new files
   in HF cache" shows whether the warm run wrote (rebuilt) anything.
-- TRL SFTTrainer dataset preparation: the SFTTrainer constructor on the formatted parquet (what `posttrain sft` does after
-  format: chat template, tokenize, assistant masks, truncation), tiny model already loaded; "load" is load_dataset of the
+- TRL SFTTrainer dataset preparation: the SFTTrainer constructor on the formatted parquet (what `posttrain sft` \
+does after
+  format: chat template, tokenize, assistant masks, truncation), tiny model already loaded; "load" is \
+load_dataset of the
   parquet. warm: the same HF_DATASETS_CACHE, where datasets may return the cached map results by fingerprint.""")
 
 

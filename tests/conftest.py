@@ -32,7 +32,8 @@ def demo_data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("data")
     rows = demo.make_rows(seed=0)
-    sizes = {"sft_train": 256, "sft_eval": 32, "pref_train": 64, "pref_eval": 16, "reward_train": 128, "reward_eval": 32}
+    sizes = {"sft_train": 256, "sft_eval": 32, "pref_train": 64, "pref_eval": 16,
+             "reward_train": 128, "reward_eval": 32}
     for name, n in sizes.items():
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[name][:n]))
     return d

@@ -151,7 +151,8 @@ def chain(tiny_dir, demo_data, tmp_path_factory):
     from accelerate.state import AcceleratorState
 
     yield Chain(tiny_dir, demo_data, tmp_path_factory.mktemp("bf16"))
-    # the last trainer's bf16 mixed precision stays in the process's accelerate state: leave later modules' in-process stages the state a fresh process has
+    # the last trainer's bf16 mixed precision stays in the process's accelerate state: leave later modules' in-process
+    # stages the state a fresh process has
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

@@ -444,7 +444,8 @@ def test_bad_chain_input_exits_2_with_one_line(case, tiny_dir, demo_data, tmp_pa
     out = tmp_path / "out"
     args: list = []
     if case == "control without sft":
-        raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "control", "eval"]), ["control", "no sft"]
+        raw, needles = (chain_config(tiny_dir, demo_data, out, stages=["format", "control", "eval"]),
+                        ["control", "no sft"])
     elif case == "unknown stage":
         raw, needles = chain_config(tiny_dir, demo_data, out, stages=["format", "sft", "rlhf"]), ["stages"]
     elif case == "--from not in stages":

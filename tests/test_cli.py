@@ -112,7 +112,8 @@ def test_run_output_overrides_output_dir(tmp_path, tiny_dir, demo_data, monkeypa
     --set, and kept among the overrides that the processes of a launched stage read again."""
     from typer.testing import CliRunner
 
-    from posttrain import chain, cli as cli_mod
+    from posttrain import chain
+    from posttrain import cli as cli_mod
 
     seen = []
     monkeypatch.setattr(chain, "run", lambda cfg, **kw: seen.append(cfg))

@@ -95,7 +95,8 @@ def test_openai_messages():
 
 
 def test_openai_messages_extra_keys_are_dropped():
-    row = {"messages": [{"role": "user", "content": "Hi", "name": "bob"}, {"role": "assistant", "content": "Yo", "x": 1}]}
+    row = {"messages": [{"role": "user", "content": "Hi", "name": "bob"},
+                        {"role": "assistant", "content": "Yo", "x": 1}]}
     assert to_canonical(row, "messages", {}) == {
         "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     }
@@ -207,7 +208,8 @@ def test_system_prompt_default_used_only_without_system():
     }
     row = {"messages": [S("Own."), U("q"), A("a")]}
     out = to_canonical(row, "messages", {}, system_prompt="Default.")["messages"]
-    assert out == [{"role": "system", "content": "Own."}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert out == [{"role": "system", "content": "Own."}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]
 
 
 def test_system_column_not_text():
@@ -379,7 +381,8 @@ def test_preference_empty_assistant():
     with pytest.raises(RowError):
         to_canonical({"prompt": "q", "chosen": [A("")], "rejected": [A("bad")]}, "preference", {})
     with pytest.raises(RowError):
-        to_canonical({"chosen": "\n\nHuman: q\n\nAssistant: ", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "preference", {})
+        to_canonical({"chosen": "\n\nHuman: q\n\nAssistant: ", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+                     "preference", {})
 
 
 def test_preference_chosen_ending_with_user_is_row_error():
@@ -552,7 +555,8 @@ def test_format_parquet(tmp_path):
 
     p = tmp_path / "alpaca.parquet"
     pd.DataFrame(
-        [{"instruction": "Double it.", "input": "4", "output": "8"}, {"instruction": "Say yes.", "input": "", "output": "yes"}]
+        [{"instruction": "Double it.", "input": "4", "output": "8"},
+         {"instruction": "Say yes.", "input": "", "output": "yes"}]
     ).to_parquet(p)
     f = format_dataset("sft", dc(p))
     assert list(f.train) == [
@@ -563,13 +567,16 @@ def test_format_parquet(tmp_path):
 
 def test_format_json_array_sharegpt(tmp_path):
     p = tmp_path / "chats.json"
-    p.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hey"}, {"from": "gpt", "value": "hello"}]}]))
+    p.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hey"},
+                                                {"from": "gpt", "value": "hello"}]}]))
     f = format_dataset("sft", dc(p))
-    assert list(f.train) == [{"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "hello"}]}]
+    assert list(f.train) == [{"messages": [{"role": "user", "content": "hey"},
+                                           {"role": "assistant", "content": "hello"}]}]
 
 
 def test_format_roles_mapping_from_config(tmp_path):
-    p = jsonl(tmp_path / "r.jsonl", [{"conversations": [{"from": "q", "value": "hey"}, {"from": "ans", "value": "yo"}]}])
+    p = jsonl(tmp_path / "r.jsonl", [{"conversations": [{"from": "q", "value": "hey"},
+                                                        {"from": "ans", "value": "yo"}]}])
     f = format_dataset("sft", dc(p, roles={"q": "user", "ans": "assistant"}))
     assert list(f.train) == [{"messages": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "yo"}]}]
 
@@ -578,7 +585,8 @@ def test_format_system_prompt_is_added(tmp_path):
     p = jsonl(tmp_path / "s.jsonl", [{"prompt": "q", "completion": "a"}])
     f = format_dataset("sft", dc(p), system_prompt="Sys.")
     assert list(f.train) == [
-        {"messages": [{"role": "system", "content": "Sys."}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+        {"messages": [{"role": "system", "content": "Sys."}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a"}]}
     ]
 
 
@@ -589,7 +597,8 @@ def test_format_limit(tmp_path):
     assert len(f.train) == 4 and f.rows_in == 4
 
 
-@pytest.mark.parametrize(("n", "fraction", "n_train", "n_eval"), [(20, 0.1, 18, 2), (20, 0.25, 15, 5), (10, 0.01, 9, 1)])
+@pytest.mark.parametrize(("n", "fraction", "n_train", "n_eval"),
+                         [(20, 0.1, 18, 2), (20, 0.25, 15, 5), (10, 0.01, 9, 1)])
 def test_eval_fraction_split_sizes(tmp_path, n, fraction, n_train, n_eval):
     p = jsonl(tmp_path / "e.jsonl", [good(i) for i in range(n)])
     f = format_dataset("sft", dc(p, eval_fraction=fraction))
@@ -603,7 +612,8 @@ def test_eval_fraction_split_sizes(tmp_path, n, fraction, n_train, n_eval):
 def test_explicit_eval_source_wins_over_fraction(tmp_path):
     tr = jsonl(tmp_path / "tr.jsonl", [good(i) for i in range(6)])
     ev = jsonl(tmp_path / "ev.jsonl", [good(100), good(101)])
-    d = DataConfig.model_validate({"kind": "sft", "train": [{"path": str(tr)}], "eval": [{"path": str(ev)}], "eval_fraction": 0.5})
+    d = DataConfig.model_validate({"kind": "sft", "train": [{"path": str(tr)}], "eval": [{"path": str(ev)}],
+                                   "eval_fraction": 0.5})
     f = format_dataset("sft", d)
     assert len(f.train) == 6
     assert [r["messages"][0]["content"] for r in f.eval] == ["What is 100 + 1?", "What is 101 + 1?"]

@@ -136,7 +136,8 @@ def test_conversion_is_the_model_transformers_reads_from_the_gguf(real_models, t
 
     tok = AutoTokenizer.from_pretrained(converted)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
     plain = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
     direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():

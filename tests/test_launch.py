@@ -59,7 +59,8 @@ def sft_dir(tiny_dir, demo_data, tmp_path_factory):
     from posttrain.stages import sft
 
     root = tmp_path_factory.mktemp("launch_sft")
-    return sft.run(validate_dict(_raw(tiny_dir, demo_data, root, sft={"training": _training(16, steps=300, logging_steps=50)})))
+    return sft.run(validate_dict(_raw(tiny_dir, demo_data, root,
+                                      sft={"training": _training(16, steps=300, logging_steps=50)})))
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,8 @@ def test_a_user_error_in_launched_processes_is_one_line_and_exit_2(tiny_dir, dem
     r = _cli("sft", cfg, "-o", tmp_path / "sft", "--num-processes", 2)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot tell the shape of SFT data" in errors[0], r.stderr[-3000:]  # once, not per process
+    # once, not per process
+    assert len(errors) == 1 and "cannot tell the shape of SFT data" in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
     assert not manifest.is_finished(tmp_path / "sft")
 

@@ -191,7 +191,8 @@ def test_full_training_in_bf16_counts_the_float32_master_weights(tmp_path):
     lora_cfg = config(d, "sft", dtype="bfloat16", method="lora")
     lora = memory.estimate_stage(lora_cfg, "sft", str(d), cuda=True)
     assert models.weights_dtype(lora_cfg, "lora", master_weights=True) == torch.bfloat16
-    assert lora.parts["policy"]["weights"] - n * 2 == memory.lora_parameters(lora.settings.arch, lora.settings.adapter) * 4
+    assert (lora.parts["policy"]["weights"] - n * 2
+            == memory.lora_parameters(lora.settings.arch, lora.settings.adapter) * 4)
     ppo = memory.estimate_stage(config(d, "ppo", dtype="bfloat16", method="full"), "ppo", str(d), cuda=True)
     assert ppo.parts["policy"]["weights"] == n * 4 and ppo.parts["reference"] == {"weights": n * 4}
 

@@ -54,7 +54,8 @@ def test_retention_judges_each_stage_against_its_parent():
     parents = {"base": None, "sft": "base", "control": "sft", "ppo": "sft", "dpo": "ppo", "lone": None}
     by = {r["label"]: r for r in realtask.kl_rows(rows, parents)}
     assert by["base"]["within_tolerance"] is None and by["base"]["kl_from_base"] == 0
-    assert [by[k]["within_tolerance"] for k in ("sft", "control", "ppo", "dpo", "lone")] == [True, True, False, True, False]
+    assert ([by[k]["within_tolerance"] for k in ("sft", "control", "ppo", "dpo", "lone")]
+            == [True, True, False, True, False])
     assert by["dpo"]["parent"] == "ppo" and abs(by["dpo"]["added"] - 0.19) < 1e-9 and by["dpo"]["allowed"] == 0.2
     assert by["lone"]["parent"] == "base" and by["lone"]["allowed"] == 0.5
     assert abs(by["sft"]["kl_from_base"] - 0.49) < 1e-9 and by["sft"]["kl_se"] < 1e-9  # a constant shift: no spread

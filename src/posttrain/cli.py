@@ -293,7 +293,8 @@ def preview(config: Annotated[Path, typer.Argument(help="YAML config.")],
 @user_errors
 def convert(file: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama).")],
             output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the model directory "
-                                                        "(default: the conversion cache, reused by every stage).")] = None,
+                                                        "(default: the conversion cache, "
+                                                        "reused by every stage).")] = None,
             force: Annotated[bool, typer.Option("--force", help="Convert again even if up to date.")] = False) -> None:
     """Convert a GGUF file to a Hugging Face model directory (dequantised safetensors, tokenizer,
     chat template, generation config). Stages do this by themselves when model.name_or_path is a
@@ -312,7 +313,8 @@ def convert(file: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, 
 @app.command("init-tiny")
 @user_errors
 def init_tiny(directory: Annotated[Path, typer.Argument(help="Where to write the tiny model and tokenizer.")],
-              data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Also write the demo data here.")] = None,
+              data_dir: Annotated[Path | None, typer.Option("--data-dir",
+                                                            help="Also write the demo data here.")] = None,
               hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> None:
     """Build a tiny random-init Llama model and BPE tokenizer offline (for the demo and tests)."""
     if hidden % heads:

@@ -22,7 +22,6 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from posttrain.config import DataConfig, SourceConfig
@@ -157,7 +156,8 @@ def _load_error(name: str, e: Exception) -> PosttrainError:
             f"could not load dataset '{name}': not a local file and not reachable on the Hub",
             fix="check the name, or download it where there is network and point data.*.path at the local file",
         )
-    return PosttrainError(f"could not read dataset '{name}': {text[:300]}", fix="check that every row has the same columns and types")
+    return PosttrainError(f"could not read dataset '{name}': {text[:300]}",
+                          fix="check that every row has the same columns and types")
 
 
 def file_hash(path: str | Path) -> str:

@@ -75,7 +75,8 @@ def describe(path: str | os.PathLike) -> dict:
     try:
         reader = gguf.GGUFReader(str(p))
     except Exception as e:  # noqa: BLE001 - any parse failure is a damaged or unsupported file
-        raise PosttrainError(f"could not read GGUF file '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        raise PosttrainError(f"could not read GGUF file '{path}': "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
                              fix="check the file is complete (compare its SHA-256 with the publisher's)") from None
 
     def field(name):

@@ -139,7 +139,8 @@ def command(p: dict, argv: list[str]) -> tuple[list[str], dict]:
         if p["strategy"] not in ("ddp", "custom"):
             # accelerate 1.15 shards (FSDP, DeepSpeed) only over GPUs; asked on CPUs, FSDP silently
             # becomes plain DDP (every process holding the whole model), so it is refused here
-            raise PosttrainError(f"--distributed {p['strategy']} ({'FSDP' if p['strategy'] == 'fsdp' else 'DeepSpeed'}) "
+            raise PosttrainError(f"--distributed {p['strategy']} "
+                                 f"({'FSDP' if p['strategy'] == 'fsdp' else 'DeepSpeed'}) "
                                  "needs CUDA GPUs; none is visible, and accelerate would run plain DDP instead",
                                  fix="use --distributed ddp (gloo on CPUs: the same losses) or run on a GPU machine")
         # MULTI_GPU with no GPU visible: torchrun starts N CPU processes that talk over gloo.

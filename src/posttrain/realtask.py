@@ -122,7 +122,8 @@ QUESTIONS = {
     "opposite": ["What is the opposite of {x}?", "Give the opposite of the word {x}.",
                  "Which word means the opposite of {x}?"],
     "plural": ["What is the plural of {x}?", "Give the plural form of the word {x}.", "One {x}, two what?"],
-    "past": ["What is the past tense of {x}?", "Give the past tense of the verb {x}.", "Today I {x}; yesterday I what?"],
+    "past": ["What is the past tense of {x}?", "Give the past tense of the verb {x}.",
+             "Today I {x}; yesterday I what?"],
     "sum": ["What is {x}?", "Compute {x}.", "How much is {x}?"],
 }
 
@@ -280,7 +281,8 @@ GENERAL = [
     "Football is a popular sport in", "When you plant a seed in the ground,", "Music has been part of human life since",
     "The library was quiet except for", "Trains were an important invention because", "Cats are known for",
     "The recipe calls for two cups of flour and", "Mountains are formed when", "Her favourite book was about",
-    "The weather today is expected to", "Electric cars are becoming more common as", "The river flows through the valley",
+    "The weather today is expected to", "Electric cars are becoming more common as",
+    "The river flows through the valley",
     "Children learn to read by", "A volcano erupts when", "The museum opened a new exhibition on",
     "Exercise helps the body by", "The old man sat on the bench and", "Photosynthesis is the process by which plants",
     "The market was busy with people selling", "Birds migrate south in the winter because",
@@ -449,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("retention", help="KL from the base model on general text, for every model of a chain")
     r.add_argument("config")
-    r.add_argument("--sft-drift", type=float, default=SFT_DRIFT, help="nats/token a model trained from the base may move it")
+    r.add_argument("--sft-drift", type=float, default=SFT_DRIFT,
+                   help="nats/token a model trained from the base may move it")
     r.add_argument("--stage-drift", type=float, default=STAGE_DRIFT,
                    help="nats/token each later stage may add beyond its parent")
     args = ap.parse_args(argv)

@@ -138,7 +138,8 @@ def eval_blocks(ev: dict, figures: Path) -> list[Block]:
                         "the compute the later stages used."))
     for dec in s["decoding"]:
         name = dec["name"]
-        how = "greedy decoding" if dec["temperature"] == 0 else f"temperature {dec['temperature']}, top-p {dec['top_p']}"
+        how = ("greedy decoding" if dec["temperature"] == 0
+               else f"temperature {dec['temperature']}, top-p {dec['top_p']}")
         blocks.append(("h3", f"Generations: {name} ({how})"))
         blocks.append(("table", generation_table(models, name)))
     blocks.append(("h3", "Likelihoods (no generation)"))
@@ -197,7 +198,8 @@ def likelihood_table(models: list[dict]) -> Table:
                  _cell(m["nll"]["perplexity"], parent["nll"]["perplexity"] if parent else None, "num")]
         if has_pref:
             p, pp = m.get("preference", {}), (parent or {}).get("preference", {})
-            cells += [_cell(p.get("accuracy"), pp.get("accuracy"), "pct"), _cell(p.get("margin"), pp.get("margin"), "num")]
+            cells += [_cell(p.get("accuracy"), pp.get("accuracy"), "pct"),
+                      _cell(p.get("margin"), pp.get("margin"), "num")]
         rows.append(cells + [f"{m['seconds']:.0f} s"])
     header = ["model", "NLL / assistant token", "perplexity"]
     header += ["pref accuracy", "pref margin (nats)"] if has_pref else []

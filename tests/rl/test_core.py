@@ -58,7 +58,7 @@ def run_two_processes(fn, args_a, args_b):
     def worker(rank, args):
         try:
             results[rank] = fn(*args, reduce=make_reduce(rank))
-        except BaseException as e:  # pragma: no cover - surfaced below
+        except BaseException as e:  # noqa: BLE001 pragma: no cover - re-raised below, whatever it is
             errors.append(e)
             barrier.abort()
 

@@ -28,8 +28,7 @@ from safetensors.torch import load_file
 from posttrain import manifest
 from posttrain.config import load_config
 from posttrain.errors import PosttrainError
-from posttrain.stages import online
-from posttrain.stages import grpo, rloo
+from posttrain.stages import grpo, online, rloo
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 LENGTH_REWARD = '''

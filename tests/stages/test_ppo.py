@@ -590,7 +590,8 @@ def test_sampler_check_stops_at_its_thresholds():
     fp32, bf16 = _sampler_loop("float32"), _sampler_loop("bfloat16")
     fp32.check_health(3, {**stats, "sampler_gap": 0.9 * ppo.SAMPLER_GAP, "sampler_kl": 0.0}, different)
     with pytest.raises(PosttrainError, match=r"at iteration 3 the tokens were sampled from another distribution than "
-                                             r"the one PPO computes: .* 1\.10e-03 nats per token on average \(absolute\)"):
+                                             r"the one PPO computes: .* 1\.10e-03 nats per token "
+                                             r"on average \(absolute\)"):
         fp32.check_health(3, {**stats, "sampler_gap": 1.1 * ppo.SAMPLER_GAP, "sampler_kl": 0.0}, different)
     bf16.check_health(3, {**stats, "sampler_gap": 0.05, "sampler_kl": 3e-3}, different)
     bf16.check_health(3, {**stats, "sampler_gap": 0.05, "sampler_kl": 0.9 * ppo.SAMPLER_KL_HALF}, different)

@@ -100,7 +100,7 @@ def test_resume_reproduces_losses(make_config):
     shutil.rmtree(out / "checkpoints" / "checkpoint-20")
     (out / manifest.MANIFEST).unlink()
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 10))
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 10))
 
     sft.run(cfg, resume=True)
     resumed = read_losses(out)

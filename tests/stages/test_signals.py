@@ -22,7 +22,6 @@ from tests.conftest import finished_checkpoints
 from tests.helpers import ENV, ROOT, STEPS
 from tests.helpers import signals_config as _config
 
-
 pytestmark = pytest.mark.slow
 
 

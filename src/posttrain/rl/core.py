@@ -125,7 +125,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        reduce: Reduce = _identity) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over real tokens: 1 = the value model predicts the returns, ≤ 0 = no better than a constant."""
+    """1 - Var(R - V) / Var(R) over real tokens: 1 = the value model predicts the returns, ≤ 0 = no better than a
+    constant."""
     def var(x):
         m = masked_mean(x, mask, reduce)
         return masked_mean((x - m) ** 2, mask, reduce)

@@ -126,7 +126,8 @@ def load_reward_model(path: str, dtype=None, *, method: str | None = None, model
         recorded = manifest.read(path) or {}
         quantized = (method or recorded.get("method")) == "qlora" and not full_precision
         if quantized:
-            compute = models.torch_dtype(model_dtype or recorded.get("config", {}).get("model", {}).get("dtype", "auto"))
+            compute = models.torch_dtype(model_dtype
+                                         or recorded.get("config", {}).get("model", {}).get("dtype", "auto"))
             kwargs.update(dtype=compute, quantization_config=models.bnb_config(compute))
         model = AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
         _as_trained(model, path)

@@ -176,7 +176,8 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, batch: Batch, temperature: float, ptx: tuple | None = None):
         """Response log-probs, entropy (None with gradients) and values; with `ptx` = (input_ids,
-        attention_mask, labels) also the SFT loss on those conversations (inside forward, so DDP syncs its gradients)."""
+        attention_mask, labels) also the SFT loss on those conversations (inside forward, so DDP syncs
+        its gradients)."""
         logp, entropy = response_logprobs(self.policy, batch, temperature)
         ptx_loss = None
         if ptx is not None:

@@ -58,7 +58,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 2. tokenizer, template and data, checked against the starting stage before loading a model
     tok = models.load_tokenizer(cfg, source, need_masks=False)
-    common.check_agrees_with_parent(source, tok, allow=dc.allow_template_mismatch, setting="dpo.allow_template_mismatch")
+    common.check_agrees_with_parent(source, tok, allow=dc.allow_template_mismatch,
+                                    setting="dpo.allow_template_mismatch")
     train_ds, eval_ds, data_record = data.stage_data(cfg, dc.data, tok)
     held = eval_ds if eval_ds is not None else train_ds.select(range(min(PROBE_PAIRS, len(train_ds))))
 

@@ -134,7 +134,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     settings = {
         "data": ec.data, "pairs": lineage.eval_pairs(cfg), "prompts": len(held.prompts),
         "conversations": len(held.conversations), "pair_count": len(held.pairs),
-        "template": cfg.template.name, "template_hash": tok.template_hash, "decoding": [d.model_dump() for d in ec.decoding],
+        "template": cfg.template.name, "template_hash": tok.template_hash,
+        "decoding": [d.model_dump() for d in ec.decoding],
         "max_new_tokens": ec.max_new_tokens, "seed": seed, "scorers": [s.model_dump() for s in ec.scorers],
         "reward_model": rm_path, "kl_reference": kl_path, "device": device.type,
         "judges_weights_mb": round(judges_mb, 1),
@@ -347,7 +348,8 @@ def load_scorers(cfg: Config) -> dict:
             from posttrain.rl.rewards import load_function
             from posttrain.stages.online import wrap_function
 
-            fn = wrap_function(load_function(s.function, cfg._source_dir), s.function, s.name, f"eval scorer '{s.name}'")
+            fn = wrap_function(load_function(s.function, cfg._source_dir), s.function, s.name,
+                               f"eval scorer '{s.name}'")
             if inspect.iscoroutinefunction(fn):
                 out[s.name] = lambda p, t, r, fn=fn: asyncio.run(fn(**_scorer_args(p, t, r)))
             else:

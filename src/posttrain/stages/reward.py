@@ -95,7 +95,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     scorer = trainer.accelerator.unwrap_model(trainer.model).eval()
     pad = tok.tokenizer.pad_token_id
     ev = trainer.eval_dataset
-    quality = pair_metrics(rewards.score_ids(scorer, ev["chosen_ids"], pad), rewards.score_ids(scorer, ev["rejected_ids"], pad),
+    quality = pair_metrics(rewards.score_ids(scorer, ev["chosen_ids"], pad),
+                           rewards.score_ids(scorer, ev["rejected_ids"], pad),
                            [len(c) - p for c, p in zip(ev["chosen_ids"], ev["prompt_tokens"], strict=True)],
                            [len(r) - p for r, p in zip(ev["rejected_ids"], ev["prompt_tokens"], strict=True)])
     if abs(quality["length_correlation"]) > rc.length_correlation_warning:
