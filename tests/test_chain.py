@@ -217,6 +217,16 @@ def test_rerun_skips_every_stage(chain):
     rerun = chain_summary(out)
     assert rerun["chain_time_s"] == chain_time > 5 * rerun["wall_time_s"]
     assert f"chain time {chain_time:.0f} s (the last run" in (out / "report.md").read_text()
+    # without the chain's record (stages run on their own, or the record deleted): each manifest's time
+    (out / "posttrain-chain.json").unlink()
+    assert_ok(cli("run", chain["cfg"]))
+    again = chain_summary(out)
+    timed = {s: manifest.read(out / s).get("metrics", {}).get("wall_time_s") for s in STAGES}
+    assert timed["sft"] and timed["dpo"]
+    for rec in again["stages"]:
+        if timed[rec["stage"]] is not None:
+            assert rec["seconds"] == timed[rec["stage"]], rec["stage"]
+    assert again["chain_time_s"] > 5 * again["wall_time_s"]
     assert {r["stage"]: r["inputs_key"] for r in chain_summary(out)["stages"]} == keys_before
     for s in STAGES:
         assert manifest_state(out / s) == before[s], f"{s} was rewritten"

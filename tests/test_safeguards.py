@@ -304,18 +304,19 @@ def test_stage_key_follows_an_in_place_data_edit(make_config, own_data, tiny_dir
 
 
 def test_formatted_data_is_not_reused_after_an_in_place_edit(make_config, own_data):
+    from posttrain import data
     from posttrain.stages import format as format_stage
 
     cfg = make_config(data__sft=_sft_data(own_data), format__datasets=["sft"])
     fmt_dir = format_stage.run(cfg)
     tok = models.load_tokenizer(cfg)
-    assert format_stage._format_matches(manifest.read(fmt_dir), cfg, "sft", tok)
-    _, _, record = format_stage.stage_data(cfg, "sft", tok)
+    assert data._format_matches(manifest.read(fmt_dir), cfg, "sft", tok)
+    _, _, record = data.stage_data(cfg, "sft", tok)
     assert record.get("format_dir") == str(fmt_dir)  # positive control: reused while unchanged
 
     _same_size_edit(own_data / "sft_train.jsonl")
-    assert not format_stage._format_matches(manifest.read(fmt_dir), cfg, "sft", tok)
-    _, _, record = format_stage.stage_data(cfg, "sft", tok)
+    assert not data._format_matches(manifest.read(fmt_dir), cfg, "sft", tok)
+    _, _, record = data.stage_data(cfg, "sft", tok)
     assert "format_dir" not in record and record["files"][str(own_data / "sft_train.jsonl")] != \
         manifest.read(fmt_dir)["datasets"]["sft"]["files"][str(own_data / "sft_train.jsonl")]
 

@@ -84,6 +84,8 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, la
         if status == "up to date" and before.get("inputs_key") == entry["inputs_key"]:
             # what it cost when it ran, not the 0 s of skipping it
             entry.update({k: before.get(k) for k in ("seconds", "peak_rss_mb", "peak_cuda_mb")})
+        elif status == "up to date":  # run on its own (no chain record of it): its manifest's time
+            entry["seconds"] = m.get("metrics", {}).get("wall_time_s", entry["seconds"])
         record.append(entry)
     result = {"config": config_mod.to_dict(cfg), "stages": record, "wall_time_s": round(time.time() - t0, 1),
               # what the chain's outputs cost: each stage's time when it ran (an up-to-date stage's

@@ -186,8 +186,11 @@ def stage_key(cfg: Config, stage: str, parent: str | None) -> str:
             for f in sorted(p.rglob("*")) if p.is_dir() else [p] if p.is_file() else []:
                 if f.is_file():
                     files[str(f)] = file_hash(f)
-    if Path(cfg.template.name).is_file():  # a .jinja template: its text, not its path, renders the data
-        files[cfg.template.name] = file_hash(Path(cfg.template.name))
+    from posttrain.templates import BUILTINS
+
+    name = cfg.template.name
+    if name not in BUILTINS and name != "tokenizer" and Path(name).is_file():  # a .jinja file: its text renders
+        files[name] = file_hash(Path(name))
     for spec in reward_functions_of(cfg, stage):
         module = Path(cfg._source_dir or ".", *spec.split(":")[0].split(".")).with_suffix(".py")
         if module.is_file():  # a reward function next to the config: its code decides the output

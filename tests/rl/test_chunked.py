@@ -16,6 +16,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from posttrain import memory
 from posttrain.rl import core, logprobs, rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +184,7 @@ def test_policy_and_value_forward_and_gradients_equal_whole_logits(policy, value
     """The PPO update's forward (log-probs, values, the ptx loss) and the gradient of a loss using
     all of them, chunked, equal the unchunked computation; so does the rollout's (no gradients),
     which adds the entropy."""
-    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(memory, "CHUNK_TOKENS", chunk)
     model = rollout.PolicyAndValue(copy.deepcopy(policy), copy.deepcopy(value))
     batch, ptx = _batch(_vocab(policy)), _ptx(_vocab(policy))
     with torch.no_grad():
@@ -243,7 +244,7 @@ def test_recorder_sees_whole_logits(policy, value):
 
 def test_ppo_forward_and_backward_hold_at_most_a_chunk_of_vocabulary(policy, value, monkeypatch):
     chunk = 4
-    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(memory, "CHUNK_TOKENS", chunk)
     model = rollout.PolicyAndValue(copy.deepcopy(policy), copy.deepcopy(value))
     batch, ptx = _batch(_vocab(policy)), _ptx(_vocab(policy))
     with VocabTensors(_vocab(policy)) as seen:
@@ -291,7 +292,7 @@ def test_a_ppo_iteration_runs_chunked_with_the_same_numbers(tiny_dir, make_confi
     the numbers of the same step computed in one chunk."""
     runs = {}
     for chunk in (4, 0):
-        monkeypatch.setattr(logprobs, "CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(memory, "CHUNK_TOKENS", chunk)
         loop = _ppo_loop(tiny_dir, make_config, tmp_path / str(chunk))
         vocab = _vocab(loop.reference)
         torch.manual_seed(1)
@@ -351,7 +352,7 @@ def test_eval_kl_and_likelihoods_run_chunked(tiny_dir, make_config, policy, monk
     from posttrain.stages import eval as eval_stage
 
     chunk = 2
-    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(memory, "CHUNK_TOKENS", chunk)
     tok = models.load_tokenizer(make_config(), str(tiny_dir))
     vocab = _vocab(policy)
     ref = copy.deepcopy(policy)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from posttrain import demo, manifest
 from posttrain.config import PPOStageConfig, validate_dict
 from posttrain.errors import PosttrainError
+from posttrain.rl import core as ppo_core
 from posttrain.rl import rollout
 from posttrain.stages import merge, ppo, reward, sft
 from tests.conftest import finished_checkpoints, tensorboard_scalars, weights_moved
@@ -204,20 +205,52 @@ def test_first_ratio_mismatch_is_caught(dtype, factor, tiny_dir, demo_data, sft_
     assert not manifest.is_finished(out)
 
 
+def test_first_ratio_statistics_span_the_whole_first_mini_batch(ppo_config, sft_dir, tmp_path, monkeypatch):
+    """With gradient accumulation the first mini-batch is several micro-batches: the check sees
+    their largest |ratio - 1| (not the sum of each one's largest) and the mean over all their
+    tokens. An update temperature off by x1.02 makes the ratios differ from 1; the tolerance is
+    lifted so the run goes on and records what it saw."""
+    original, seen = rollout.PolicyAndValue.forward, []
+
+    def mismatched(self, batch, temperature, *args, **kwargs):
+        return original(self, batch, temperature * 1.02 if torch.is_grad_enabled() else temperature, *args, **kwargs)
+
+    policy_loss = ppo_core.policy_loss
+
+    def observed(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        seen.append(float(stats["ratio_max_dev"]))
+        return loss, stats
+
+    monkeypatch.setattr(rollout.PolicyAndValue, "forward", mismatched)
+    monkeypatch.setattr(ppo_core, "policy_loss", observed)
+    monkeypatch.setattr(ppo, "FIRST_RATIO_TOLERANCE", 10.0)
+    out = ppo.run(ppo_config(steps=1, mini_batch_size=4, gradient_accumulation_steps=2), base=str(sft_dir),
+                  output=str(tmp_path / "ppo"))
+    first = manifest.read(out)["metrics"]["first_update"]
+    assert len(seen) >= 4 and min(seen[:2]) > 0  # 2 micro-batches a mini-batch: the first two are checked
+    assert first["max_ratio_dev"] == pytest.approx(max(seen[:2]), rel=1e-6)
+    assert first["mean_abs_log_ratio"] > 0
+
+
 def test_first_ratio_check_stops_at_its_thresholds():
     """float32: max |ratio - 1| over FIRST_RATIO_TOLERANCE stops, just under does not, whatever the
     mean. Half precision: a per-token maximum from kernel noise does not stop; the mean |log-ratio|
-    over FIRST_RATIO_HALF does, just under does not. Sums are over the mini-batch's 100 tokens."""
-    def check(dtype, mean_abs, worst):
+    over FIRST_RATIO_HALF does, just under does not. Sums are over the mini-batch's 100 tokens; the
+    maximum is taken over the processes (here: a second process's larger one decides)."""
+    def check(dtype, mean_abs, worst, elsewhere=0.0):
         loop = _sampler_loop(dtype)
-        loop.check_first_ratio(torch.tensor([mean_abs * 100, 0.0, worst]), torch.tensor(100.0), lambda x: x)
+        loop.check_first_ratio(torch.tensor([mean_abs * 100, 0.0, worst]), torch.tensor(100.0), lambda x: x,
+                               lambda x: torch.maximum(x, torch.tensor(elsewhere)))
         return loop.first_ratio
 
     assert check("float32", 1e-3, 0.9 * ppo.FIRST_RATIO_TOLERANCE)["max_ratio_dev"] == pytest.approx(9e-4)
     with pytest.raises(PosttrainError, match=r"the probability ratio is off 1 by 1\.10e-03 \(allowed 0\.001\)"):
         check("float32", 0.0, 1.1 * ppo.FIRST_RATIO_TOLERANCE)
-    assert check("bfloat16", 0.9 * ppo.FIRST_RATIO_HALF, 0.5)["mean_abs_log_ratio"] == pytest.approx(0.018)
-    with pytest.raises(PosttrainError, match=r"the mean \|log-ratio\| per token is 2\.20e-02 \(allowed 0\.02\)"):
+    with pytest.raises(PosttrainError, match=r"the probability ratio is off 1 by 1\.10e-03"):
+        check("float32", 0.0, 0.5 * ppo.FIRST_RATIO_TOLERANCE, elsewhere=1.1 * ppo.FIRST_RATIO_TOLERANCE)
+    assert check("bfloat16", 0.9 * ppo.FIRST_RATIO_HALF, 0.5)["mean_abs_log_ratio"] == pytest.approx(0.045)
+    with pytest.raises(PosttrainError, match=r"the mean \|log-ratio\| per token is 5\.50e-02 \(allowed 0\.05\)"):
         check("bfloat16", 1.1 * ppo.FIRST_RATIO_HALF, 0.0)
 
 
@@ -585,19 +618,17 @@ def test_sampler_check_stops_at_its_thresholds():
     ppo.SAMPLER_GAP stops the run, just under does not. bf16: the signed mean (an estimate of
     KL(sampler || PPO)) over ppo.SAMPLER_KL_HALF stops it; SmolLM2's bf16 rounding without any
     fault (mean |d| 0.05, mean d 3e-3) does not. Without recorded log-probs there is nothing to check."""
-    stats = {"score": 1.0, "kl": 0.5, "entropy": 1.0, "explained_variance": 0.0}
-    different = [("What is 1 + 2?", "1 + 2 = 3", 1.0), ("What is 2 + 2?", "2 + 2 = 4", 1.0)]
     fp32, bf16 = _sampler_loop("float32"), _sampler_loop("bfloat16")
-    fp32.check_health(3, {**stats, "sampler_gap": 0.9 * ppo.SAMPLER_GAP, "sampler_kl": 0.0}, different)
+    fp32.check_sampler(3, {"sampler_gap": 0.9 * ppo.SAMPLER_GAP, "sampler_kl": 0.0})
     with pytest.raises(PosttrainError, match=r"at iteration 3 the tokens were sampled from another distribution than "
                                              r"the one PPO computes: .* 1\.10e-03 nats per token "
                                              r"on average \(absolute\)"):
-        fp32.check_health(3, {**stats, "sampler_gap": 1.1 * ppo.SAMPLER_GAP, "sampler_kl": 0.0}, different)
-    bf16.check_health(3, {**stats, "sampler_gap": 0.05, "sampler_kl": 3e-3}, different)
-    bf16.check_health(3, {**stats, "sampler_gap": 0.05, "sampler_kl": 0.9 * ppo.SAMPLER_KL_HALF}, different)
+        fp32.check_sampler(3, {"sampler_gap": 1.1 * ppo.SAMPLER_GAP, "sampler_kl": 0.0})
+    bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 3e-3})
+    bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 0.9 * ppo.SAMPLER_KL_HALF})
     with pytest.raises(PosttrainError, match=r"3\.30e-02 nats per token on average \(an estimated KL\), over 0\.03"):
-        bf16.check_health(3, {**stats, "sampler_gap": 0.05, "sampler_kl": 1.1 * ppo.SAMPLER_KL_HALF}, different)
-    fp32.check_health(3, stats, different)
+        bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 1.1 * ppo.SAMPLER_KL_HALF})
+    fp32.check_sampler(3, {})
 
 
 @pytest.mark.parametrize(("dtype", "penalty"), [("float32", 1.05), ("bfloat16", 1.5)])

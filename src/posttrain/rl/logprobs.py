@@ -21,10 +21,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# CHUNK_TOKENS: positions whose full-vocabulary logits exist at once. Defined in posttrain.memory,
-# whose estimate counts it; a global of this module too, read at each call, so a test (or a future
-# config field) can change it here.
-from posttrain.memory import CHUNK_TOKENS
+# memory.CHUNK_TOKENS: positions whose full-vocabulary logits exist at once. One number, in the
+# memory module whose estimate counts it, read at each call (a test, or a future config field,
+# changes it there for both).
+from posttrain import memory
 
 
 def causal_lm(model):
@@ -55,7 +55,8 @@ def check_head(lm, inputs: dict) -> None:
     chunk) in eval mode (no dropout), once per model."""
     from posttrain.errors import PosttrainError
 
-    n = min(8, CHUNK_TOKENS) if CHUNK_TOKENS > 0 else 8  # no more vocabulary-wide logits than a chunk
+    chunk = memory.CHUNK_TOKENS
+    n = min(8, chunk) if chunk > 0 else 8  # no more vocabulary-wide logits than a chunk
     row = {k: v[:1, :n] if torch.is_tensor(v) and v.dim() == 2 else v for k, v in inputs.items()}
     body = getattr(lm, lm.base_model_prefix)
     was_training = lm.training
@@ -108,7 +109,7 @@ def map_chunks(fn: Callable[..., tuple[torch.Tensor, ...]], rows: torch.Size, *t
     positions, e.g. [B, T]); fn takes the tensors flattened to [n, ...] and returns per-position
     tensors [n]; the results come back shaped `rows`. chunk None: posttrain's CHUNK_TOKENS; 0: all
     at once. With gradients on, each chunk is checkpointed: backward reruns fn on that chunk."""
-    chunk = CHUNK_TOKENS if chunk is None else chunk
+    chunk = memory.CHUNK_TOKENS if chunk is None else chunk
     n = rows.numel()
     flat = [t.reshape(n, *t.shape[len(rows):]) for t in tensors]
     step = chunk if chunk > 0 else max(n, 1)

@@ -115,8 +115,8 @@ def sample(policy, queries: torch.Tensor, query_mask: torch.Tensor, *, eot_id: i
     if generated.shape[1] == 0:
         generated = torch.full((queries.shape[0], 1), pad_id, dtype=torch.long, device=queries.device)
     responses, mask, ended = cut_at_end_of_turn(generated, eot_id, pad_id)
-    if sampled_logp is not None:
-        sampled_logp = sampled_logp * mask
+    if sampled_logp is not None:  # padding after end-of-turn: 0, not a processor's -inf (or NaN)
+        sampled_logp = torch.where(mask.bool(), sampled_logp, torch.zeros_like(sampled_logp))
     return Batch(queries, query_mask, responses, mask, ended, sampled_logp)
 
 

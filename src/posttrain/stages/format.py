@@ -12,10 +12,7 @@ from pathlib import Path
 from posttrain import lineage, manifest, models
 from posttrain.config import Config, stage_output, to_dict
 from posttrain.console import console, summary
-
-# A stage's formatted data lives in the data layer (data.py); the names stay reachable here for
-# callers that still use them (tests/test_safeguards.py).
-from posttrain.data import _format_matches, format_and_check, load_formatted, stage_data  # noqa: F401
+from posttrain.data import format_and_check
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
 
