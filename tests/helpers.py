@@ -96,3 +96,17 @@ LLAMA3_LIKE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
+
+
+def trl_training(steps: int, lr: float, **extra) -> dict:
+    """A few steps of a TRL stage on the tiny model (`<stage>.training`)."""
+    return {"max_steps": steps, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+            "learning_rate": lr, "logging_steps": 1, "save_steps": 1000, "max_length": 64,
+            "gradient_checkpointing": False, **extra}
+
+
+def online_training(steps: int, **extra) -> dict:
+    """A few RLOO/GRPO steps on the tiny model: 2 completions of at most 6 tokens per prompt."""
+    return {"max_steps": steps, "per_device_train_batch_size": 4, "num_generations": 2,
+            "max_completion_length": 6, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 1000,
+            "gradient_checkpointing": False, **extra}

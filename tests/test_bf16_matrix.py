@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from posttrain import manifest, numerics
 from posttrain.config import validate_dict
 from tests.conftest import read_losses
-from tests.helpers import sft_and_style_data
+from tests.helpers import online_training, sft_and_style_data, trl_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,15 +49,11 @@ LN2 = math.log(2)
 
 
 def _trl_training(lr: float, **extra) -> dict:
-    return {"max_steps": STEPS, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
-            "learning_rate": lr, "logging_steps": 1, "save_steps": 1000, "max_length": 64,
-            "gradient_checkpointing": False, **extra}
+    return trl_training(STEPS, lr, **extra)
 
 
 def _online_training(**extra) -> dict:
-    return {"max_steps": RL_STEPS, "per_device_train_batch_size": 4, "num_generations": 2,
-            "max_completion_length": 6, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 1000,
-            "gradient_checkpointing": False, **extra}
+    return online_training(RL_STEPS, **extra)
 
 
 def _raw(tiny_dir, demo_data, root, stages: list[str], methods: dict[str, str], **sections) -> dict:

@@ -22,6 +22,7 @@ import yaml
 
 from posttrain import manifest
 from tests.conftest import finished_checkpoints
+from tests.helpers import OTHER_TEMPLATE
 
 BIN = Path(sys.executable).with_name("posttrain")
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,20 +394,6 @@ def test_resume_skips_a_checkpoint_killed_while_being_saved(chain):
 
 # ---------------------------------------------------------------------------------------------
 # template mismatch, dry run, bad input
-
-
-OTHER_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant:\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + ':\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant:\\n' -}}{%- endif -%}"
-)
 
 
 def test_dpo_with_another_template_than_sft_fails_before_loading(chain, tiny_dir, demo_data, tmp_path):

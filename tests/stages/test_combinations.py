@@ -33,7 +33,7 @@ from posttrain import manifest
 from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from tests.conftest import read_losses
-from tests.helpers import sft_and_style_data
+from tests.helpers import online_training, sft_and_style_data, trl_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,14 +43,11 @@ STEPS = 2
 
 
 def _trl_training(lr: float, **extra) -> dict:
-    return {"max_steps": STEPS, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
-            "learning_rate": lr, "logging_steps": 1, "save_steps": 1000, "max_length": 64,
-            "gradient_checkpointing": False, **extra}
+    return trl_training(STEPS, lr, **extra)
 
 
 def _online_training(**extra) -> dict:
-    return {"max_steps": STEPS, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 6,
-            "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 1000, "gradient_checkpointing": False, **extra}
+    return online_training(STEPS, **extra)
 
 
 def _raw(tiny_dir, demo_data, root, stages: list[str], methods: dict[str, str], **sections) -> dict:
