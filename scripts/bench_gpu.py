@@ -9,14 +9,13 @@ seed, learning rate and per-device batch (in sequences), and times the last --st
                       the arms comparable: bf16, batch, steps, lr, seed, max_length = --seq (TRL's
                       1024 would cut the data), no checkpoint saves. TRL's default turns activation
                       checkpointing ON.
-  posttrain-defaults  what `posttrain sft` hands SFTConfig on this device: posttrain.stages.common.
-                      trainer_kwargs (posttrain's defaults < device and speed defaults < the
-                      `sft.training` section, here: batch, steps, lr, max_length, save_strategy no),
-                      read when the arm runs, with posttrain's memory estimate (common.check_memory on
-                      the model's config.json; it decides activation checkpointing) where that API
-                      exists, plus what stages/sft.py adds (mirrored: assistant_only_loss,
-                      include_num_input_tokens_seen, the check_packing safeguard; any other key sft.py
-                      sets is reported as not mirrored)
+  posttrain-defaults  what `posttrain sft` hands SFTConfig on this device: posttrain.stages.sft.
+                      trainer_settings (common.trainer_kwargs: posttrain's defaults < device and speed
+                      defaults < the `sft.training` section, here: batch, steps, lr, max_length,
+                      save_strategy no; plus what SFT adds), read when the arm runs, with posttrain's
+                      memory estimate (common.check_memory on the model's config.json; it decides
+                      activation checkpointing) and the check_packing safeguard; assistant_only_loss
+                      off (the data is pre-tokenized with an assistant_masks column)
   plain               trl-defaults with activation checkpointing OFF: the reference of the feature
                       arms below, each of which is plain + one feature
   packing             packing=True, packing_strategy bfd (padding-free, position ids per document)
@@ -77,7 +76,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -104,8 +102,6 @@ SFT_ARMS = ("trl-defaults", "posttrain-defaults", "plain", "packing", "padding-f
             "compile", "lora", "qlora", "posttrain-qlora")
 ARMS = (*SFT_ARMS, "dpo", "dpo-precomputed", "ppo-rollout")
 QUANTIZED = ("qlora", "posttrain-qlora")
-# what stages/sft.py sets on top of trainer_kwargs, mirrored in sft_settings (keys checked at run time)
-SFT_PY_MIRRORED = {"assistant_only_loss", "include_num_input_tokens_seen", "max_steps"}
 
 
 # --- header -------------------------------------------------------------------------------------
@@ -384,55 +380,45 @@ def common_settings(spec: dict, cuda: bool) -> dict:
     return s
 
 
-def posttrain_settings(spec: dict, notes: list) -> dict:
-    """posttrain's SFT arguments on this device, read from posttrain at run time: the memory
-    estimate (which decides activation checkpointing) from the model's config.json written to
-    disk, then trainer_kwargs, then what stages/sft.py adds."""
-    import inspect
-
+def posttrain_config(spec: dict):
+    """(posttrain Config, model source) for the posttrain arms: the model's config.json written to
+    disk (what the memory estimate reads) and the bench's training values as `sft.training`."""
     try:
         import posttrain  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(ROOT / "src"))
     from posttrain.config import Config
-    from posttrain.stages import common
 
     source = Path(spec["workdir"]) / "model-configs" / spec["model"]  # config.json only: what the estimate reads
     build_config(spec["model"], spec["seq"]).save_pretrained(source)
     user = {"per_device_train_batch_size": spec["batch"], "max_steps": spec["warmup"] + spec["steps"],
             "learning_rate": spec["lr"], "max_length": spec["seq"], "save_strategy": "no", "disable_tqdm": True}
     method = "qlora" if spec["arm"] in QUANTIZED else "full"
+    # assistant_only_loss off: TRL takes it for conversational data only; here the pre-tokenized
+    # rows' assistant_masks column gives the same labels. The data section is never read.
     cfg = Config.model_validate({"model": {"name_or_path": str(source)}, "seed": spec["seed"], "stages": ["sft"],
                                  "data": {"sft": {"kind": "sft", "train": [{"path": "unused.jsonl"}]}},
-                                 "sft": {"method": method, "training": user}})  # the data section is never read
-    out = Path(spec["workdir"]) / spec["arm"]
-    extra = {}
-    if hasattr(common, "check_memory") and "estimate" in inspect.signature(common.trainer_kwargs).parameters:
-        try:
-            extra["estimate"] = est = common.check_memory(cfg, "sft", str(source))
-            if est is not None:
-                notes.append(f"posttrain's memory estimate {est.total / 2**30:.3g} GiB")
-        except Exception as e:  # noqa: BLE001 - posttrain's API is moving; say so and go on without it
-            notes.append(f"posttrain memory estimate failed ({type(e).__name__}: {e})")
-    kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=False, **extra)
-    # stages/sft.py on top: assistant_only_loss (conversational data only in TRL; here the
-    # assistant_masks column gives the same labels), include_num_input_tokens_seen
-    kwargs["assistant_only_loss"] = False
-    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
-    sft_py = (Path(common.__file__).parent / "sft.py").read_text()
-    set_there = set(re.findall(r"kwargs\[\"(\w+)\"\]\s*=", sft_py)) | set(re.findall(r"kwargs\.setdefault\(\"(\w+)\"",
-                                                                                     sft_py))
-    if set_there - SFT_PY_MIRRORED:
-        notes.append(f"stages/sft.py also sets {sorted(set_there - SFT_PY_MIRRORED)}: not mirrored here")
-    try:  # the attention kernel and dtype posttrain would load the model with
-        from posttrain import models
+                                 "sft": {"method": method, "assistant_only_loss": False, "training": user}})
+    return cfg, source
 
-        load = models._load_kwargs(cfg, "full")
-        if load.get("attn_implementation"):
-            spec["attn"] = load["attn_implementation"]
-        spec["dtype"] = str(load["dtype"]).replace("torch.", "")
-    except Exception as e:  # noqa: BLE001 - private helper; fall back to the bench's settings
-        notes.append(f"posttrain.models._load_kwargs unavailable ({type(e).__name__}): bench attn/dtype used")
+
+def posttrain_settings(spec: dict, notes: list) -> dict:
+    """posttrain's SFT arguments on this device, from posttrain itself: the memory estimate (which
+    decides activation checkpointing, common.check_memory) on the model's config.json, then
+    stages/sft.py's trainer_settings, what `posttrain sft` hands SFTConfig. The attention kernel and
+    dtype are the ones posttrain would load the model with (models.load_kwargs)."""
+    cfg, source = posttrain_config(spec)
+    from posttrain import models
+    from posttrain.stages import common, sft
+
+    est = common.check_memory(cfg, "sft", str(source))
+    if est is not None:
+        notes.append(f"posttrain's memory estimate {est.total / 2**30:.3g} GiB")
+    kwargs = sft.trainer_settings(cfg, Path(spec["workdir"]) / spec["arm"], has_eval=False, estimate=est)
+    load = models.load_kwargs(cfg, "full")
+    if load.get("attn_implementation"):
+        spec["attn"] = load["attn_implementation"]
+    spec["dtype"] = str(load["dtype"]).replace("torch.", "")
     return kwargs
 
 
@@ -551,8 +537,7 @@ def run_sft(spec: dict, res: dict, cuda: bool) -> None:
     if arm.startswith("posttrain") and (args.packing or args.padding_free):  # stages/sft.py's safeguard #27
         from posttrain import models
 
-        if hasattr(models, "check_packing"):
-            models.check_packing(model)
+        models.check_packing(model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=build_tokenizer(64),
                          peft_config=peft_config)
     res["setup_s"] = time.perf_counter() - t

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny random-init Llama model + tokenizer and small demo data, built offline."""
+"""Shared fixtures: a tiny random-init Llama model + tokenizer and small demo data, built offline;
+and what several test modules build from them (a saved LoRA adapter, a small reward stage, an
+editable copy of the SFT data). Plain helper functions are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -118,6 +120,53 @@ def make_config(tiny_dir, demo_data, tmp_path):
 
     return build
 
+
+@pytest.fixture(scope="module")
+def saved_adapter(tiny_dir, tmp_path_factory):
+    """What a LoRA stage saves: an adapter with non-zero B and the tokenizer (with ChatML)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("saved") / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_dir)),
+                           PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(d))
+    AutoTokenizer.from_pretrained(str(tiny_dir)).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_rm(tiny_dir, demo_data, tmp_path_factory):
+    """A reward stage of a few steps on the tiny base (weak: the gate is waived where it is used)."""
+    from posttrain.config import validate_dict
+    from posttrain.stages import reward
+    from tests.helpers import ppo_chain_raw
+
+    root = tmp_path_factory.mktemp("safeguards_rm")
+    section = {"data": "reward", "training": {"max_steps": 3, "per_device_train_batch_size": 16,
+                                              "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 1000,
+                                              "max_length": 64, "gradient_checkpointing": False}}
+    return reward.run(validate_dict(ppo_chain_raw(tiny_dir, demo_data, root, reward=section)), base=str(tiny_dir),
+                      output=str(root / "reward"))
+
+
+@pytest.fixture
+def own_data(demo_data, tmp_path):
+    """A copy of the demo's SFT train and eval files, to edit (`helpers.own_sft_data` names them)."""
+    import shutil
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
+        shutil.copy(demo_data / name, d / name)
+    return d
 
 def weights_moved(start_dir, out_dir) -> tuple[float, float]:
     """Share of the matrix weights in out_dir/model.safetensors that moved from start_dir's (the start

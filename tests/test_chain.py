@@ -13,22 +13,16 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from posttrain import manifest
 from tests.conftest import finished_checkpoints
-from tests.helpers import OTHER_TEMPLATE
+from tests.helpers import BIN, ENV, OTHER_TEMPLATE, ROOT, assert_clean_error, assert_ok, chain_config, cli, write_yaml
+from tests.helpers import CHAIN_STAGES as STAGES
 
-BIN = Path(sys.executable).with_name("posttrain")
-ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["format", "sft", "dpo", "merge"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
 # The resume test: a DPO run long enough to be killed after its first checkpoint.
 LONG_DPO = ["--set", "dpo.training.max_steps=120", "--set", "dpo.training.save_steps=10"]
 
@@ -36,65 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers (the same shape as tests/test_cli.py)
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=ENV,
-                          timeout=600)
-
-
-def assert_clean_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in errors[0], errors[0]
-    return errors[0]
-
-
-def assert_ok(r: subprocess.CompletedProcess) -> None:
-    assert r.returncode == 0, (r.returncode, r.stderr[-4000:])
-
-
-def chain_config(tiny_dir, demo_data, out: Path, **changes) -> dict:
-    raw = {
-        "model": {"name_or_path": str(tiny_dir)},
-        "template": {"name": "chatml"},
-        "data": {
-            "sft": {"kind": "sft", "train": [{"path": str(demo_data / "sft_train.jsonl")}],
-                    "eval": [{"path": str(demo_data / "sft_eval.jsonl")}]},
-            "preference": {"kind": "preference", "train": [{"path": str(demo_data / "pref_train.jsonl")}],
-                           "eval": [{"path": str(demo_data / "pref_eval.jsonl")}]},
-        },
-        "stages": list(STAGES),
-        "output_dir": str(out),
-        "seed": 0,
-        "sft": {"method": "full",
-                "training": {"max_steps": 30, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
-                             "max_length": 64, "gradient_checkpointing": False, "logging_steps": 10,
-                             "save_steps": 1000}},
-        "dpo": {"method": "lora", "reference": "adapter_disabled",
-                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "training": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "beta": 0.1,
-                             "learning_rate": 1e-3, "max_steps": 24, "per_device_train_batch_size": 8,
-                             "max_length": 64, "gradient_checkpointing": False, "logging_steps": 5,
-                             "save_steps": 1000}},
-        "merge": {"dtype": "float32", "probe_prompts": ["What is 12 + 34?"], "max_new_tokens": 8},
-    }
-    for key, value in changes.items():
-        node = raw
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return raw
-
-
-def write_yaml(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+# helpers (cli, assert_ok, assert_clean_error, chain_config, write_yaml: tests/helpers.py)
 
 
 def chain_summary(out: Path) -> dict:
@@ -494,79 +430,3 @@ def test_rlhf_chain_runs_and_reruns_ppo_when_the_reward_model_changes(tmp_path, 
     assert_ok(cli("run", cfg, "--set", "reward.training.learning_rate=2e-3"))
     assert statuses(out) == {"format": "up to date", "sft": "up to date", "reward": "ran", "ppo": "ran",
                              "dpo": "ran", "merge": "ran"}
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage inputs key, part by part (no training)
-
-
-def _sft_key(tiny_dir, demo_data, tmp_path, parent=None, **changes) -> str:
-    from posttrain import lineage
-    from posttrain.config import validate_dict
-
-    raw = chain_config(tiny_dir, demo_data, tmp_path / "out", **changes)
-    return lineage.stage_key(validate_dict(raw), "sft", str(parent or tiny_dir))
-
-
-def test_every_part_of_the_sft_inputs_key_changes_it(tiny_dir, demo_data, tmp_path):
-    """Issue 17 (b): model, template, seed, the sft section, each data source (its config and its
-    file's content) and the parent each change SFT's key; what SFT does not read does not."""
-    import shutil
-
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl", "pref_eval.jsonl"):
-        shutil.copy(demo_data / name, data / name)
-    parent = tmp_path / "model"
-    shutil.copytree(tiny_dir, parent)
-    base = _sft_key(parent, data, tmp_path)
-    assert _sft_key(parent, data, tmp_path) == base  # deterministic
-    training = chain_config(tiny_dir, data, tmp_path)["sft"]["training"]
-    changed = {
-        "model": _sft_key(parent, data, tmp_path, model={"name_or_path": str(parent), "dtype": "float32"}),
-        "template name": _sft_key(parent, data, tmp_path, template={"name": "llama3"}),
-        "template system prompt": _sft_key(parent, data, tmp_path, template={"name": "chatml",
-                                                                               "system_prompt": "Be brief."}),
-        "seed": _sft_key(parent, data, tmp_path, seed=1),
-        "sft section": _sft_key(parent, data, tmp_path, sft__training={**training, "learning_rate": 1e-3}),
-        "sft assistant_only_loss": _sft_key(parent, data, tmp_path, sft__assistant_only_loss=False),
-        "sft data source": _sft_key(parent, data, tmp_path, data__sft={
-            "kind": "sft", "train": [{"path": str(data / "sft_train.jsonl")}]}),
-        "parent path": _sft_key(parent, data, tmp_path, parent=tiny_dir),
-    }
-    for part, key in changed.items():
-        assert key != base, f"changing the {part} leaves SFT's inputs key the same"
-    assert len(set(changed.values())) == len(changed)
-
-    # not read by SFT: the DPO section and the preference data
-    assert _sft_key(parent, data, tmp_path, dpo__training={"beta": 0.5}) == base
-    assert _sft_key(parent, data, tmp_path, data__preference={
-        "kind": "preference", "train": [{"path": str(data / "pref_eval.jsonl")}]}) == base
-
-    # the contents of each data file SFT reads (train and eval)
-    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
-        f = data / name
-        text = f.read_text()
-        f.write_text(text + text.splitlines(keepends=True)[0])
-        assert _sft_key(parent, data, tmp_path) != base, f"a changed {name} leaves SFT's key the same"
-        f.write_text(text)
-        assert _sft_key(parent, data, tmp_path) == base
-
-    # the parent's identity: its config (a re-run parent changes every child's key)
-    cfg_file = parent / "config.json"
-    original = cfg_file.read_text()
-    cfg_file.write_text(json.dumps({**json.loads(original), "posttrain_test": 1}))
-    assert _sft_key(parent, data, tmp_path) != base, "a changed parent leaves SFT's key the same"
-    cfg_file.write_text(original)
-    assert _sft_key(parent, data, tmp_path) == base
-
-    # a .jinja template: its text, not only its path (editing the file must rerun SFT)
-    from posttrain import templates
-
-    jinja = tmp_path / "chat.jinja"
-    jinja.write_text(templates.BUILTINS["chatml"].template)
-    with_file = _sft_key(parent, data, tmp_path, template={"name": str(jinja)})
-    assert _sft_key(parent, data, tmp_path, template={"name": str(jinja)}) == with_file
-    jinja.write_text(templates.BUILTINS["chatml"].template + "\n")
-    assert _sft_key(parent, data, tmp_path, template={"name": str(jinja)}) != with_file, \
-        "an edited .jinja template leaves SFT's key the same"

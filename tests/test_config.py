@@ -14,27 +14,12 @@ from hypothesis import strategies as st
 
 from posttrain.config import Config, load_config, validate_dict
 from posttrain.errors import PosttrainError
+from tests.helpers import CONFIG_BASE as BASE  # line numbers below are hand-counted against it
+from tests.helpers import config_keys as _keys
+from tests.helpers import config_like as _config_like
+from tests.helpers import config_values as _values
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Line numbers below are hand-counted against this text (line 1 is "model:").
-BASE = """\
-model:
-  name_or_path: some/model
-data:
-  sft:
-    kind: sft
-    train:
-      - path: data/sft.jsonl
-  pref:
-    kind: preference
-    train:
-      - path: data/pref.jsonl
-sft:
-  method: full
-  training:
-    learning_rate: 0.1
-"""
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -480,59 +465,6 @@ def test_set_empty_value_is_null(tmp_path):
 # Properties: nothing but PosttrainError ever escapes
 
 
-_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(10**6), max_value=10**6),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12),
-    st.sampled_from(["sft", "preference", "full", "lora", "chatml", "format", "cosine", "wrapped", "bfd"]),
-)
-_keys = st.one_of(
-    st.sampled_from(
-        [
-            "model", "name_or_path", "template", "name", "data", "sft", "dpo", "kind", "train", "eval", "path",
-            "columns", "roles", "stages", "training", "lora", "r", "method", "learning_rate", "packing",
-            "packing_strategy", "output_dir", "beta", "seed", "format", "datasets", "limit", "eval_fraction",
-            "pad_token", "lr_scheduler_type", "bf16", "fp16", "max_steps", "reference", "preference",
-        ]
-    ),
-    st.text(max_size=8),
-    st.integers(min_value=-3, max_value=3),  # YAML allows non-string keys
-    st.none(),
-    st.booleans(),
-)
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_keys, inner, max_size=4)),
-    max_leaves=20,
-)
-
-
-def _config_like():
-    """Mostly-plausible configs, with arbitrary values planted at arbitrary depths."""
-    source = st.fixed_dictionaries({"path": st.text(max_size=6)}, optional={"columns": _values, "limit": _values})
-    dataset = st.fixed_dictionaries(
-        {"kind": st.sampled_from(["sft", "preference"]) | _scalars, "train": st.lists(source, max_size=2) | _values},
-        optional={"eval_fraction": _values, "max_bad_fraction": _values},
-    )
-    stage = st.fixed_dictionaries(
-        {}, optional={"training": st.dictionaries(_keys, _values, max_size=4) | _values, "data": _values,
-                      "method": _values, "lora": _values}
-    )
-    return st.fixed_dictionaries(
-        {"model": st.fixed_dictionaries({"name_or_path": st.text(max_size=6)}) | _values},
-        optional={
-            "data": st.dictionaries(st.sampled_from(["sft", "preference", "x"]), dataset, max_size=2) | _values,
-            "sft": stage,
-            "dpo": stage,
-            "stages": st.lists(st.sampled_from(["format", "sft", "dpo", "eval", "bogus"]), max_size=4) | _values,
-            "template": _values,
-            "seed": _values,
-        },
-    )
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=st.one_of(st.dictionaries(_keys, _values, max_size=6), _config_like()))
 def test_validate_dict_only_raises_posttrain_error(raw):
@@ -595,9 +527,9 @@ CHAIN = BASE + "dpo:\n  data: pref\n"
         (["stages=[format, merge]"], "no training stage before it"),
         (["stages=[format, control, eval]"],
          "stages has control (SFT continued from the sft stage's output), but no sft"),
-        (["stages=[format, sft, eval]", "eval.data=preference"],
-         "eval.data 'preference' must name a dataset of kind sft"),
-        (["eval.pairs=sft"], "eval.pairs 'sft' must name a dataset of kind preference"),
+        (["stages=[format, sft, eval]", "eval.data=pref"],
+         "--set eval.data=pref: eval.data 'pref' has kind 'preference', but eval needs kind 'sft'"),
+        (["eval.pairs=sft"], "eval.pairs 'sft' has kind 'sft', but eval needs kind 'preference'"),
         (["eval.scorers=[{name: x, kind: regex}]"], "kind regex needs a pattern"),
         (["eval.scorers=[{name: x, kind: regex, pattern: '(unclosed'}]"], "is not a regex"),
         (["eval.scorers=[{name: x, kind: function, function: not-a-spec}]"], "is not 'module:function'"),
@@ -612,7 +544,8 @@ CHAIN = BASE + "dpo:\n  data: pref\n"
         (["grpo.rewards=[{function: 'not a function'}]"], "is not 'module:function'"),
         (["rloo.rewards=[{model: rm, function: 'm:f'}]"], "either a model or a function, not both"),
         (["grpo.rewards=[]"], "grpo.rewards"),
-        (["ppo.ptx_coef=0.5", "ppo.ptx_data=pref"], "needs ppo.ptx_data to name a dataset of kind sft"),
+        (["ppo.ptx_coef=0.5", "ppo.ptx_data=pref"],
+         "ppo.ptx_data 'pref' has kind 'preference', but ppo (ptx_coef > 0) needs kind 'sft'"),
         (["ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=3"], "not a multiple of ppo.gradient_accumulation"),
         (["reward.training.center_reward_coefficient=0.01"], "did you mean 'center_rewards_coefficient'"),
         (["grpo.training.num_generation=4"], "did you mean 'num_generations'"),
@@ -630,6 +563,28 @@ def test_chain_rules_are_config_errors(tmp_path, overrides, expected):
     err = error_of(tmp_path, CHAIN, overrides)
     assert expected in err.line(), err.line()
     assert "\n" not in err.line()
+
+
+def test_stage_checks_name_the_line_and_run_for_a_stage_outside_the_chain(tmp_path):
+    """A stage command may run a stage that is not in stages: (the load checks only the chain's);
+    config.check_stage checks it when it starts, with the file and line of the key."""
+    from posttrain.config import check_stage
+    from posttrain.stages import dpo, reward
+
+    p = write(tmp_path, BASE + "dpo:\n  data: prefs\nreward:\n  data: zzzz\n")
+    cfg = load_config(p)  # dpo and reward are not in stages: the load does not check their data
+    line = BASE.count("\n") + 2
+    with pytest.raises(PosttrainError) as info:
+        check_stage(cfg, "dpo")
+    assert info.value.line().startswith(f"{p}:{line}: dpo.data names dataset 'prefs', which is not under data:")
+    assert "did you mean 'pref'?" in info.value.line()
+    with pytest.raises(PosttrainError, match="dpo.data names dataset 'prefs'"):  # the stage runs the check first
+        dpo.run(cfg, output=str(tmp_path / "dpo"))
+    with pytest.raises(PosttrainError, match=rf"c.yaml:{line + 2}: reward.data names dataset 'zzzz'.*"
+                       "add a data.zzzz section of kind preference"):
+        reward.run(cfg, output=str(tmp_path / "reward"))
+    check_stage(cfg, "sft")  # sft's dataset is there and of its kind: no error
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "reward").exists()
 
 
 def test_valid_chains(tmp_path):

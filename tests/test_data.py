@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from posttrain.config import DataConfig
 from posttrain.data import RowError, detect_shape, format_dataset, to_canonical
 from posttrain.errors import PosttrainError
+from tests.helpers import row_cases as _rows
 
 
 def U(text):
@@ -406,49 +406,6 @@ def test_preference_role_mapping():
 
 # ---------------------------------------------------------------------------------------------
 # Property: arbitrary rows give a canonical row or a RowError, nothing else
-
-_json = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20),
-              st.sampled_from(["user", "assistant", "system", "human", "gpt", "\n\nHuman: q\n\nAssistant: a",
-                               "Human: q", "\n\nAssistant: x", ""])),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(st.sampled_from(["role", "content", "from", "value", "x"]), inner, max_size=3),
-    ),
-    max_leaves=12,
-)
-_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "assistant", "system", "tool", "bot", "weird"]) | _json,
-     "content": st.text(max_size=10) | _json}
-)
-_sharegpt_message = st.fixed_dictionaries(
-    {"from": st.sampled_from(["human", "gpt", "system", "weird"]) | _json, "value": st.text(max_size=10) | _json}
-)
-_hh = st.lists(
-    st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "Human: ", "junk"]), st.text(max_size=8)), max_size=4
-).map(lambda parts: "".join(a + b for a, b in parts))
-_field = st.one_of(_json, st.lists(_message, max_size=4), _hh, st.text(max_size=10))
-
-SHAPE_COLUMNS = {
-    "messages": {"messages": st.lists(_message, max_size=5) | _json},
-    "sharegpt": {"conversations": st.lists(_sharegpt_message, max_size=5) | _json},
-    "alpaca": {"instruction": _field, "output": _field},
-    "prompt_completion": {"prompt": _field, "completion": _field},
-    "preference": {"chosen": _field, "rejected": _field},
-}
-SHAPE_OPTIONAL = {"system": st.none() | st.text(max_size=5) | _json, "input": _field, "prompt": _field}
-
-
-@st.composite
-def _rows(draw):
-    shape = draw(st.sampled_from(sorted(SHAPE_COLUMNS)))
-    optional = {k: v for k, v in SHAPE_OPTIONAL.items() if k not in SHAPE_COLUMNS[shape]}
-    row = draw(st.fixed_dictionaries(SHAPE_COLUMNS[shape], optional=optional))
-    roles = draw(st.dictionaries(st.sampled_from(["bot", "weird", "human"]),
-                                 st.sampled_from(["user", "assistant", "system", "nope"]), max_size=2))
-    system_prompt = draw(st.none() | st.text(max_size=5))
-    return shape, row, roles, system_prompt
-
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=_rows())

@@ -118,7 +118,7 @@ def test_sampled_logprobs_are_the_ones_ppo_computes(tiny_dir, temperature, top_p
 
 def test_a_leaked_repetition_penalty_shows_in_the_sampled_logprobs(tiny_dir, monkeypatch):
     """Negative control: without own_sampling a leaked repetition_penalty makes the recorded log-probs
-    differ from PPO's: in float32 by more than PPO's check allows (ppo.SAMPLER_GAP), in bf16 by
+    differ from PPO's: in float32 by more than PPO's check allows (ppo_checks.SAMPLER_GAP), in bf16 by
     ten times the rounding gap measured above. No penalty (1.0) stays under the check. (This
     random-init model's logits are near 0, where a penalty moves them little: 1.05 gives 8.8e-4
     nats/token; on the demo SFT model 0.04-0.05, on SmolLM2 0.20. tests/stages/test_ppo.py stops a
@@ -127,12 +127,12 @@ def test_a_leaked_repetition_penalty_shows_in_the_sampled_logprobs(tiny_dir, mon
 
     from transformers import AutoModelForCausalLM
 
-    from posttrain.stages import ppo
+    from posttrain.stages import ppo_checks
 
     monkeypatch.setattr(models, "own_sampling", lambda model: contextlib.nullcontext())
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     model.generation_config.repetition_penalty = 1.5
-    assert _sampled_and_computed(model, 1.0, 1.0)[1] > ppo.SAMPLER_GAP
+    assert _sampled_and_computed(model, 1.0, 1.0)[1] > ppo_checks.SAMPLER_GAP
     assert _sampled_and_computed(model, 1.0, 1.0, torch.bfloat16)[1] > 10 * 3.7e-4
     model.generation_config.repetition_penalty = 1.0
-    assert _sampled_and_computed(model.float(), 1.0, 1.0)[1] < ppo.SAMPLER_GAP
+    assert _sampled_and_computed(model.float(), 1.0, 1.0)[1] < ppo_checks.SAMPLER_GAP

@@ -34,8 +34,9 @@ from hypothesis import strategies as st
 from posttrain.config import DataConfig, load_config, validate_dict
 from posttrain.data import ROLES, format_dataset, to_canonical
 from posttrain.errors import PosttrainError
-from tests.test_config import BASE, _config_like
-from tests.test_data import _rows
+from tests.helpers import CONFIG_BASE as BASE
+from tests.helpers import config_like as _config_like
+from tests.helpers import row_cases as _rows
 
 SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
            HealthCheck.function_scoped_fixture]

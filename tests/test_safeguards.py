@@ -2,15 +2,18 @@
 that the check fires (so it fails if the check is removed), next to a positive control where
 that is cheap. Models are the tiny random-init ones from conftest; training is a few steps.
 
-Covered: no trainable parameters and unmatched LoRA targets (#19); the save-time re-open checks
-(empty adapter, missing adapter, tokenizer saved with another template; #20, #23); the NaN-loss
-and DPO grad-norm / collapse guards (#8, #25); PPO's reference check at the first rollout (#17);
-generation_config's eos synced to the end-of-turn token (#16); data content in the stage key, the
-format-reuse check and the resume decision (#14, #26); merging into a pre-quantized base (#2);
-vocabulary growth with LoRA (#15); and smaller branches (reward batch mates, the accuracy gate
-without a recorded accuracy, a vocab-size change against the parent, device/bnb defaults, merge's
-reload check and end-of-turn warning). Two positive tests of paths no other test runs: LoRA with
-gradient checkpointing, and a LoRA SFT resume.
+Covered: no trainable parameters (#19); the DPO grad-norm / collapse guards (#8, #25); PPO's
+reference check at the first rollout (#17); generation_config's eos synced to the end-of-turn token
+(#16); the format-reuse check and the resume decision (#14, #26); merging into a pre-quantized base
+(#2); vocabulary growth with LoRA (#15); and smaller branches (reward batch mates, device/bnb
+defaults, merge's reload check and end-of-turn warning). Two positive tests of paths no other test
+runs: LoRA with gradient checkpointing, and a LoRA SFT resume.
+
+The negative controls of single modules sit with that module's tests: unmatched LoRA targets
+(#19) in test_models.py, the save-time re-open checks (#20, #23) and a vocab-size change against
+the parent in stages/test_common.py, the NaN-loss guard (#8) in test_callbacks.py, data content in
+the stage key (#26) in test_lineage.py, the accuracy gate without a recorded accuracy in
+rl/test_rewards.py.
 """
 
 from __future__ import annotations
@@ -18,21 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from posttrain import chain, lineage, manifest, models
-from posttrain.config import LoraConfig, validate_dict
+from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
-from posttrain.stages import common, merge, sft
+from posttrain.stages import merge, sft
 from tests.conftest import read_losses
-from tests.helpers import LLAMA3_LIKE, OTHER_TEMPLATE, ppo_chain_raw, ppo_section
+from tests.helpers import LLAMA3_LIKE, ppo_chain_raw, ppo_section
+from tests.helpers import own_sft_data as _sft_data
+from tests.helpers import same_size_edit as _same_size_edit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,139 +66,12 @@ def test_frozen_model_is_refused_before_training(make_config, monkeypatch):
     assert not (out / "metrics.jsonl").exists() or not read_losses(out), "no training step may run"
 
 
-def test_unmatched_lora_target_is_listed(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
-    with pytest.raises(PosttrainError, match=r"lora\.target_modules \['qproj'\] match no module") as e:
-        models.lora_config(model, LoraConfig(target_modules=["q_proj", "qproj"]), train_embeddings=False)
-    assert "q_proj" in e.value.fix and "o_proj" in e.value.fix and "'layers'" not in e.value.fix  # linear layers only
-    # positive control: patterns that all match, by last name or by dotted suffix
-    got = models.lora_config(model, LoraConfig(target_modules=["q_proj", "self_attn.v_proj"]), train_embeddings=False)
-    assert set(got.target_modules) == {"q_proj", "self_attn.v_proj"}
-
-
-# ---------------------------------------------------------------------------------------------
-# #20, #23: common.check_saved re-opens what a stage saved
-
-
-@pytest.fixture(scope="module")
-def saved_adapter(tiny_dir, tmp_path_factory):
-    """What a LoRA stage saves: an adapter with non-zero B and the tokenizer (with ChatML)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = tmp_path_factory.mktemp("saved") / "adapter"
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_dir)),
-                           PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(str(d))
-    AutoTokenizer.from_pretrained(str(tiny_dir)).save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture
-def saved_copy(saved_adapter, tmp_path, make_config):
-    """A copy of `saved_adapter` to break, and the TokenizerInfo a stage would have trained with."""
-    d = tmp_path / "stage"
-    shutil.copytree(saved_adapter, d)
-    return d, models.load_tokenizer(make_config(), str(d), need_masks=False)
-
-
-def test_check_saved_accepts_a_good_adapter(saved_copy):
-    d, tok = saved_copy
-    common.check_saved(d, tok, "lora")
-    common.check_saved(d, tok, "qlora")
-
-
-def test_check_saved_refuses_an_all_zero_adapter(saved_copy):
-    d, tok = saved_copy
-    path = d / "adapter_model.safetensors"
-    weights = load_file(str(path))
-    assert any("lora_B" in k for k in weights)
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}, str(path))
-    with pytest.raises(PosttrainError, match=r"is empty or all zeros \(nothing was trained\)"):
-        common.check_saved(d, tok, "lora")
-    common.check_saved(d, tok, "full")  # a full model has no adapter to check
-
-
-def test_check_saved_refuses_a_missing_adapter(saved_copy):
-    d, tok = saved_copy
-    (d / "adapter_model.safetensors").unlink()
-    with pytest.raises(PosttrainError, match=r"no adapter was saved in"):
-        common.check_saved(d, tok, "lora")
-
-
-def test_check_saved_refuses_a_tokenizer_saved_with_another_template(saved_copy):
-    from transformers import AutoTokenizer
-
-    d, tok = saved_copy
-    other = AutoTokenizer.from_pretrained(str(d))
-    other.chat_template = OTHER_TEMPLATE
-    other.save_pretrained(str(d))
-    for method in ("full", "lora"):
-        with pytest.raises(PosttrainError, match=r"the tokenizer saved in .* renders differently"):
-            common.check_saved(d, tok, method)
-
-
 # ---------------------------------------------------------------------------------------------
 # #8, #25: NaN loss, zero gradient norm, collapsing DPO loss
 
 
-def _state(step: int):
-    return SimpleNamespace(global_step=step, max_steps=10, is_world_process_zero=True)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_training_guard_stops_on_a_non_finite_loss(bad):
-    from posttrain.callbacks import TrainingGuard
-
-    guard = TrainingGuard(torch.nn.Linear(2, 2))
-    guard.on_log(None, _state(3), None, logs={"loss": 1.5, "grad_norm": float("nan")})  # finite loss: fine
-    with pytest.raises(PosttrainError, match=rf"training loss became {bad} at step 3"):
-        guard.on_log(None, _state(3), None, logs={"loss": bad})
-
-
-def test_dpo_guard_stops_on_a_zero_gradient_norm():
-    from posttrain.stages import dpo
-
-    guard = dpo.DPOGuard(SimpleNamespace(max_steps=10), 0.01)
-    guard.on_log(None, _state(2), None, logs={"loss": 0.69, "grad_norm": 0.3})
-    with pytest.raises(PosttrainError, match=r"the gradient norm is 0 at step 2: nothing is learning"):
-        guard.on_log(None, _state(2), None, logs={"loss": 0.69, "grad_norm": 0.0})
-
-
-def test_dpo_guard_collapse_only_within_the_first_steps():
-    from posttrain.stages import dpo
-
-    guard = dpo.DPOGuard(SimpleNamespace(max_steps=1000), 0.01)
-    assert guard.early == 50  # 5% of a long run
-    with pytest.raises(PosttrainError, match=r"the DPO loss fell to 0\.001 by step 50: it collapsed"):
-        guard.on_log(None, _state(50), None, logs={"loss": 0.001})
-    guard.on_log(None, _state(51), None, logs={"loss": 0.001})  # late in a run a low loss is learning
-    guard.on_log(None, _state(5), None, logs={"loss": 0.02})  # above collapse_loss
-
-
 # ---------------------------------------------------------------------------------------------
 # #17: PPO's reference is the starting policy at the first rollout
-
-
-@pytest.fixture(scope="module")
-def small_rm(tiny_dir, demo_data, tmp_path_factory):
-    """A reward stage of a few steps on the tiny base (weak: the gate is waived where it is used)."""
-    from posttrain.stages import reward
-
-    root = tmp_path_factory.mktemp("safeguards_rm")
-    section = {"data": "reward", "training": {"max_steps": 3, "per_device_train_batch_size": 16,
-                                              "learning_rate": 3e-3, "logging_steps": 1, "save_steps": 1000,
-                                              "max_length": 64, "gradient_checkpointing": False}}
-    return reward.run(validate_dict(ppo_chain_raw(tiny_dir, demo_data, root, reward=section)), base=str(tiny_dir),
-                      output=str(root / "reward"))
 
 
 def _ppo_cfg(tiny_dir, demo_data, root, rm):
@@ -204,7 +80,7 @@ def _ppo_cfg(tiny_dir, demo_data, root, rm):
 
 
 def test_ppo_wrong_reference_is_caught_at_the_first_rollout(tiny_dir, demo_data, small_rm, tmp_path, monkeypatch):
-    from posttrain.stages import ppo
+    from posttrain.stages import ppo, ppo_models
 
     def other_model(source, policy, pc):
         ref = copy.deepcopy(policy).requires_grad_(False)
@@ -214,7 +90,7 @@ def test_ppo_wrong_reference_is_caught_at_the_first_rollout(tiny_dir, demo_data,
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         return ref, None, "not the starting policy"
 
-    monkeypatch.setattr(ppo, "_reference", other_model)
+    monkeypatch.setattr(ppo_models, "reference", other_model)
     updates = []
     monkeypatch.setattr(ppo.Loop, "update", lambda self, *a, **k: updates.append(1))
     out = tmp_path / "ppo"
@@ -265,42 +141,6 @@ def test_sft_writes_end_of_turn_into_generation_config(make_config, tiny_dir, tm
 
 # ---------------------------------------------------------------------------------------------
 # #26, #14: data content in the stage key, format reuse, the resume decision
-
-
-def _same_size_edit(path: Path) -> None:
-    """Change one digit of the first row in place: same byte length, new content, later mtime."""
-    text = path.read_text()
-    i = next(i for i, c in enumerate(text) if c.isdigit())
-    new = text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:]
-    assert len(new.encode()) == len(text.encode()) and new != text
-    st = path.stat()
-    path.write_text(new)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-
-
-@pytest.fixture
-def own_data(demo_data, tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    for name in ("sft_train.jsonl", "sft_eval.jsonl"):
-        shutil.copy(demo_data / name, d / name)
-    return d
-
-
-def _sft_data(d: Path) -> dict:
-    return {"kind": "sft", "train": [{"path": str(d / "sft_train.jsonl")}],
-            "eval": [{"path": str(d / "sft_eval.jsonl")}]}
-
-
-def test_stage_key_follows_an_in_place_data_edit(make_config, own_data, tiny_dir):
-    cfg = make_config(data__sft=_sft_data(own_data))
-    key = lineage.stage_key(cfg, "sft", str(tiny_dir))
-    path = own_data / "sft_train.jsonl"
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched, not changed
-    assert lineage.stage_key(cfg, "sft", str(tiny_dir)) == key, "the key is on content, not on mtime"
-    _same_size_edit(path)
-    assert lineage.stage_key(cfg, "sft", str(tiny_dir)) != key
 
 
 def test_formatted_data_is_not_reused_after_an_in_place_edit(make_config, own_data):
@@ -423,39 +263,6 @@ def test_reward_scores_must_not_depend_on_batch_mates(monkeypatch):
     with pytest.raises(PosttrainError, match=r"scores change with a batch of one"):
         reward.check_padding_and_batch(None, seqs, 0, 1e-4, torch.float32)
     assert reward.check_padding_and_batch(None, seqs, 0, 0.2, torch.float32) == ([3.0, 2.0], 0.2)
-
-
-def test_reward_gate_without_a_recorded_accuracy(tmp_path, small_rm):
-    from posttrain.config import PPOStageConfig
-    from posttrain.rl import rewards
-
-    gate = PPOStageConfig()
-    recorded = manifest.read(small_rm)["metrics"]["accuracy"]
-    assert rewards.check_gate(str(small_rm), PPOStageConfig(min_reward_accuracy=0.0), "ppo") == recorded
-    rm = tmp_path / "rm"
-    shutil.copytree(small_rm, rm)
-    m = manifest.read(rm)
-    del m["metrics"]["accuracy"]
-    manifest.write(rm, m)
-    with pytest.raises(PosttrainError, match=r"has no recorded accuracy.*allow_weak_reward_model"):
-        rewards.check_gate(str(rm), gate, "ppo")
-    assert rewards.check_gate(str(rm), PPOStageConfig(allow_weak_reward_model=True), "ppo") is None
-
-
-def test_parent_with_another_vocabulary_size_is_refused(make_config, tmp_path):
-    cfg = make_config()
-    tok = models.load_tokenizer(cfg)
-    parent = tmp_path / "sft"
-    parent.mkdir()
-    recorded = common.special_tokens(tok)
-    manifest.write(parent, {"stage": "sft", "template_hash": tok.template_hash, "special_tokens": recorded})
-    common.check_agrees_with_parent(str(parent), tok)  # positive control
-    manifest.write(parent, {"stage": "sft", "template_hash": tok.template_hash,
-                            "special_tokens": {**recorded, "vocab_size": recorded["vocab_size"] + 3}})
-    n = recorded["vocab_size"]
-    with pytest.raises(PosttrainError, match=rf"special tokens differ \(vocab_size {n + 3} → {n}\)"):
-        common.check_agrees_with_parent(str(parent), tok)
-    common.check_agrees_with_parent(str(parent), tok, allow=True, setting="dpo.allow_template_mismatch")
 
 
 def test_device_defaults_and_quant_storage():

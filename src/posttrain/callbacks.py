@@ -231,3 +231,29 @@ def tensorboard_into(trainer, directory: Path) -> None:
     for cb in trainer.callback_handler.callbacks:
         if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "") is None:
             cb.logging_dir = str(Path(directory) / "runs")
+
+
+EARLY_STEPS = 10  # "within the first steps" for DPO's collapse alarm (or 5% of the run, if longer)
+
+
+class DPOGuard(TrainerCallback):
+    """Safeguard #8: stop on a zero gradient norm or a loss that collapses to ~0 within the first steps."""
+
+    def __init__(self, args, collapse_loss: float):
+        self.collapse_loss = collapse_loss
+        self.early = max(EARLY_STEPS, int(0.05 * max(args.max_steps, 0)))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if logs.get("grad_norm") == 0.0:
+            raise PosttrainError(
+                f"the gradient norm is 0 at step {state.global_step}: nothing is learning",
+                fix="check that chosen and rejected differ after the prompt, and the learning rate",
+            )
+        loss = logs.get("loss")
+        if loss is not None and loss < self.collapse_loss and state.global_step <= self.early:
+            raise PosttrainError(
+                f"the DPO loss fell to {loss:.4g} by step {state.global_step}: it collapsed instead of learning",
+                fix="check that the reference is the starting model (dpo.reference) and that the pairs are not "
+                "trivially separable; lower the learning rate or raise beta",
+            )

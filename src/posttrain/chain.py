@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import lineage, manifest, report
+from posttrain import lineage, manifest, registry, report
 from posttrain.config import Config
 from posttrain.console import PeakMemory, console, fmt, summary
 from posttrain.errors import PosttrainError
@@ -39,10 +39,11 @@ def plan(cfg: Config) -> list[Step]:
     steps, current = [], cfg.model.name_or_path
     for stage in cfg.stages:
         out = Path(cfg.output_dir) / stage
-        parent = {"format": None, "eval": None, "reward": cfg.reward.init or current,
-                  "control": str(Path(cfg.output_dir) / "sft")}.get(stage, current)
+        role = registry.STAGES[stage].role
+        parent = (None if role in ("data", "eval") else cfg.reward.init or current if role == "reward"
+                  else str(Path(cfg.output_dir) / "sft") if role == "control" else current)
         steps.append(Step(stage, out, parent))
-        if stage in config_mod.MODEL_STAGES or stage == "merge":
+        if role in ("policy", "merge"):  # the next stage starts from its output
             current = str(out)
     return steps
 
@@ -74,7 +75,7 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, la
                  "status": "up to date" if status == "up to date" else "resumed" if status == "resuming" else "ran",
                  "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
                  "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "metrics": key_metrics(m)}
-        if launch_plan is not None and step.stage in LAUNCHED and status != "up to date":
+        if launch_plan is not None and registry.STAGES[step.stage].launched and status != "up to date":
             # it ran in other processes: the peak its main process recorded (CUDA on a GPU, else RSS)
             import torch
 
@@ -114,24 +115,21 @@ def _earlier_records(path: Path) -> dict:
 
 def decide(step: Step, key: str, forced: bool) -> str:
     """'up to date', 'resuming' or 'running' for one stage."""
-    from posttrain.stages import common
+    from posttrain.stages import checkpoints
 
     m = manifest.read(step.output)
     if m is not None and not forced and m.get("inputs_key") == key:
         return "up to date"
     if m is None and not forced and lineage.started_key(step.output) == key \
-            and common.last_checkpoint(step.output) is not None:
+            and checkpoints.last_checkpoint(step.output) is not None:
         return "resuming"
     return "running"
-
-
-LAUNCHED = ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "control")  # the stages several processes share
 
 
 def _run_stage(cfg: Config, step: Step, *, resume: bool, launch_plan: dict | None = None, debug: bool = False) -> None:
     import importlib
 
-    if launch_plan is not None and step.stage in LAUNCHED:
+    if launch_plan is not None and registry.STAGES[step.stage].launched:
         from posttrain import launch
 
         launch.run_stage(launch_plan, cfg, step.stage, base=step.parent, output=str(step.output), resume=resume,
@@ -142,35 +140,16 @@ def _run_stage(cfg: Config, step: Step, *, resume: bool, launch_plan: dict | Non
 
         format_stage.run(cfg, output=str(step.output), overwrite=True)
         return
-    module = importlib.import_module(f"posttrain.stages.{step.stage}")
+    module = importlib.import_module(registry.STAGES[step.stage].module)
     module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)
 
 
 def key_metrics(m: dict) -> dict:
-    """The few numbers per stage worth a line in the chain summary."""
-    metrics, checks = m.get("metrics", {}), m.get("checks", {})
-    stage = m.get("stage")
-    if stage == "format":
-        return {f"{n} rows": d["train_rows"] for n, d in m.get("datasets", {}).items()}
-    if stage == "sft":
-        return {"eval loss": metrics.get("eval_loss_after"), "steps": metrics.get("steps")}
-    if stage == "dpo":
-        return {"reward acc": metrics.get("reward_accuracy"), "margin": metrics.get("reward_margin"),
-                "steps": metrics.get("steps")}
-    if stage == "reward":
-        return {"held-out acc": metrics.get("accuracy"), "margin": metrics.get("margin"),
-                "length corr": metrics.get("length_correlation")}
-    if stage in ("ppo", "rloo", "grpo"):
-        return {"score": f"{fmt(metrics.get('score_first'))} → {fmt(metrics.get('score_last'))}",
-                "kl": metrics.get("kl_last"), "steps": metrics.get("steps")}
-    if stage == "control":
-        return {"eval loss": metrics.get("eval_loss_after"), "steps": metrics.get("steps")}
-    if stage == "eval":
-        return {"models": len(m.get("models", [])), "prompts": m.get("settings", {}).get("prompts")}
-    if stage == "merge":
-        return {"parity Δ": checks.get("parity", {}).get("max_abs_diff"),
-                "stops": checks.get("reload", {}).get("stopped")}
-    return {}
+    """The few numbers per stage worth a line in the chain summary: its stage module's key_metrics."""
+    import importlib
+
+    stage = registry.STAGES.get(m.get("stage"))
+    return importlib.import_module(stage.module).key_metrics(m) if stage else {}
 
 
 def dry(cfg: Config, steps: list[Step], from_stage: str | None = None) -> dict:
@@ -193,7 +172,7 @@ def dry(cfg: Config, steps: list[Step], from_stage: str | None = None) -> dict:
             "writes": str(step.output),
             **{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in section.items()},
         })
-        if step.stage in preview.STAGE_DATA:
+        if registry.STAGES[step.stage].preview:
             preview.show(cfg, step.stage, 1)
         rows.append({"stage": step.stage, "status": status, "parent": step.parent})
     console.print(f"dry run: {len(steps)} stages checked; nothing was trained or written")

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from posttrain import registry
 from posttrain.errors import PosttrainError
 
 app = typer.Typer(
@@ -116,11 +117,10 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML config to check."
     typer.echo(f"ok: {config} (model {cfg.model.name_or_path}; stages {stages}; datasets {', '.join(cfg.data) or '-'})")
 
 
-@app.command("format")
+@app.command("format", help=registry.STAGES["format"].help)
 @user_errors
 def format_cmd(config: ConfigArg = None, output: OutputOpt = None, set_: SetOpt = None,
                overwrite: OverwriteOpt = False) -> None:
-    """Format the datasets under data: into trainer-ready conversations, with checks and a manifest."""
     cfg = _load(config, set_)
     _quiet_libraries()
     from posttrain.stages import format as stage
@@ -152,18 +152,8 @@ def _launched(cfg, num_processes: int | None, distributed: str | None, argv: lis
         raise typer.Exit(code)
     return True
 
-# The training stages share one command shape: config, --base, --output, --set, --resume, --overwrite.
-TRAINING_COMMANDS = {
-    "sft": "Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer.",
-    "reward": "Reward model (a one-output sequence classifier) on preference pairs with TRL's RewardTrainer.",
-    "ppo": "PPO against the reward model with a KL penalty to the starting policy (posttrain's own PPO).",
-    "rloo": "RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions.",
-    "grpo": "GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions.",
-    "dpo": "Preference alignment (DPO and its variants) with TRL's DPOTrainer.",
-    "control": "The report's control row: the SFT model trained on with SFT for the compute of the later stages.",
-}
-
-
+# The training stages (registry: launched) share one command shape: config, --base, --output, --set,
+# --resume, --overwrite, --num-processes, --distributed.
 def _training_command(stage: str, doc: str) -> None:
     def command(config: ConfigArg = None, base: BaseOpt = None, output: OutputOpt = None, set_: SetOpt = None,
                 resume: ResumeOpt = False, overwrite: OverwriteOpt = False, num_processes: ProcessesOpt = None,
@@ -178,24 +168,23 @@ def _training_command(stage: str, doc: str) -> None:
         if _launched(cfg, num_processes, distributed, argv):
             return
         _quiet_libraries()
-        importlib.import_module(f"posttrain.stages.{stage}").run(cfg, base=base, output=output, resume=resume,
-                                                                 overwrite=overwrite)
+        importlib.import_module(registry.STAGES[stage].module).run(cfg, base=base, output=output, resume=resume,
+                                                                   overwrite=overwrite)
 
     command.__name__, command.__doc__ = stage, doc
     app.command(stage)(user_errors(command))
 
 
-for _stage, _doc in TRAINING_COMMANDS.items():
-    _training_command(_stage, _doc)
+for _stage in registry.names(launched=True):
+    _training_command(_stage, registry.STAGES[_stage].help)
 
 
-@app.command()
+@app.command(help=registry.STAGES["merge"].help)
 @user_errors
 def merge(config: ConfigArg = None,
           base: Annotated[str | None, typer.Option(
               "--base", help="The finished stage holding the LoRA adapter to merge.")] = None,
           output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
-    """Merge a LoRA adapter into its base (full precision) and check the result against the adapter."""
     cfg = _load(config, set_, base)
     _quiet_libraries()
     from posttrain.stages import merge as stage
@@ -203,15 +192,13 @@ def merge(config: ConfigArg = None,
     stage.run(cfg, base=base, output=output, overwrite=overwrite)
 
 
-@app.command("eval")
+@app.command("eval", help=registry.STAGES["eval"].help)
 @user_errors
 def eval_cmd(config: ConfigArg = None,
              models: Annotated[list[str] | None, typer.Option(
                  "--models", help="Model or adapter directories to compare (repeat the option); default: the base "
                  "model and every model stage of the config's chain.")] = None,
              output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
-    """Evaluate models on the same held-out data with the same recorded settings (eval.json), then
-    rewrite the report of the config's output directory."""
     cfg = _load(config, set_)
     _quiet_libraries()
     from posttrain import report
@@ -278,7 +265,8 @@ def _with_output_dir(overrides: list[str] | None, output: str | None) -> list[st
 @app.command()
 @user_errors
 def preview(config: Annotated[Path, typer.Argument(help="YAML config.")],
-            stage: Annotated[str, typer.Option("--stage", help="Whose data to show (sft or dpo).")] = "sft",
+            stage: Annotated[str, typer.Option(
+                "--stage", help=f"Whose data to show ({' or '.join(registry.names(preview=True))}).")] = "sft",
             n: Annotated[int, typer.Option("-n", help="How many samples.")] = 3,
             set_: SetOpt = None) -> None:
     """Print rendered training samples with the trained (loss) tokens highlighted."""

@@ -27,15 +27,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from posttrain import registry
 from posttrain.errors import PosttrainError, did_you_mean
 
-STAGES = ("format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval")
-# Training stages whose output is the policy the next stage starts from. The reward stage is not
-# one: it branches off the policy, and the RL stages read it as their reward model.
-MODEL_STAGES = ("sft", "ppo", "rloo", "grpo", "dpo")
-RL_STAGES = ("ppo", "rloo", "grpo")  # stages that score samples with a reward model or function
-TRAINING_STAGE_TRL_CONFIG = {"sft": "SFTConfig", "reward": "RewardConfig", "rloo": "RLOOConfig",
-                             "grpo": "GRPOConfig", "dpo": "DPOConfig"}
+# The config section of each stage whose `training:` holds a TRL config's fields, and that class.
+TRAINING_SECTIONS = {s.section: s.trl_config for s in registry.STAGES.values() if s.trl_config}
 # Trainer fields that posttrain sets itself; setting them under `training:` would be ignored.
 OWNED_TRAINING_FIELDS = {
     "output_dir": "use --output or the top-level output_dir",
@@ -479,10 +475,10 @@ class Config(Strict):
     data: dict[str, DataConfig] = Field(
         default_factory=dict, description="Named datasets {name: dataset}; stage sections refer to them by name."
     )
-    stages: list[Literal["format", "sft", "reward", "ppo", "rloo", "grpo", "dpo", "merge", "control", "eval"]] = Field(
+    stages: list[Literal[registry.NAMES]] = Field(
         default_factory=lambda: ["format", "sft"],
-        description="The chain `posttrain run` runs: a subsequence of format, sft, reward, ppo, rloo, grpo, dpo, "
-        "merge, control, eval, in that order, without repeats.",
+        description=f"The chain `posttrain run` runs: a subsequence of {', '.join(registry.NAMES)}, in that order, "
+        "without repeats.",
     )
     output_dir: str = Field(
         "runs/posttrain", description="Output root: stage <name> writes <output_dir>/<name> unless --output is given."
@@ -526,13 +522,16 @@ class Config(Strict):
     _source_dir: str | None = PrivateAttr(None)
     # The file and --set overrides it was read from: what a launched process reads again.
     _source: tuple[str | None, tuple[str, ...]] = PrivateAttr((None, ()))
+    # Where each key was set (config._where): stage checks after loading report file:line too.
+    _where: str = PrivateAttr("config")
+    _lines: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("stages")
     @classmethod
     def _stages_in_order(cls, v: list[str]) -> list[str]:
-        order = [STAGES.index(s) for s in v]
+        order = [registry.NAMES.index(s) for s in v]
         if order != sorted(set(order)):
-            raise ValueError(f"stages must be a subsequence of {list(STAGES)} without repeats")
+            raise ValueError(f"stages must be a subsequence of {list(registry.NAMES)} without repeats")
         return v
 
     def uses_reward_stage(self, stage: str) -> bool:
@@ -542,10 +541,10 @@ class Config(Strict):
         return any(r.model is None and r.function is None for r in getattr(self, stage).rewards)
 
     def starts_from(self, stage: str) -> str | None:
-        """The policy stage whose output `stage` starts from in this chain: the last of MODEL_STAGES
-        before it in stages (None: model.name_or_path). As `common.default_base` and `chain.plan`."""
-        before = [s for s in self.stages[: self.stages.index(stage)] if s in MODEL_STAGES] if stage in self.stages \
-            else []
+        """The policy stage whose output `stage` starts from in this chain: the last policy stage
+        (registry) before it in stages (None: model.name_or_path). As `common.default_base` and `chain.plan`."""
+        before = [s for s in self.stages[: self.stages.index(stage)] if registry.STAGES[s].policy] \
+            if stage in self.stages else []
         return before[-1] if before else None
 
     def _check_methods_across_stages(self) -> None:
@@ -578,39 +577,15 @@ class Config(Strict):
         unknown = [n for n in self.format.datasets or [] if n not in self.data]
         if unknown:
             raise ValueError(f"format.datasets names {unknown}, which are not under data:")
-        for stage, want in (("sft", "sft"), ("reward", "preference"), ("ppo", None), ("rloo", None),
-                            ("grpo", None), ("dpo", "preference")):
-            section = getattr(self, stage)
-            if stage not in self.stages and section.data not in self.data:
-                continue
-            if section.data not in self.data:
-                near = did_you_mean(section.data, self.data)
-                hint = f"did you mean '{near}'?" if near else f"add a data.{section.data} section"
-                raise ValueError(f"{stage}.data names dataset '{section.data}', which is not under data: ({hint})")
-            if want is not None and self.data[section.data].kind != want:
-                raise ValueError(
-                    f"{stage}.data '{section.data}' has kind '{self.data[section.data].kind}', "
-                    f"but {stage} needs kind '{want}'"
-                )
         if self.dpo.reference == "adapter_disabled" and self.dpo.method == "full":
             raise ValueError("dpo.reference 'adapter_disabled' needs dpo.method lora or qlora (a full model has "
                              "no adapter to disable); use reference 'copy'")
-        if self.ppo.ptx_coef > 0 and (self.ppo.ptx_data not in self.data or self.data[self.ppo.ptx_data].kind != "sft"):
-            raise ValueError(f"ppo.ptx_coef > 0 needs ppo.ptx_data to name a dataset of kind sft under data: "
-                             f"('{self.ppo.ptx_data}' is not one)")
-        for stage in RL_STAGES:
+        for stage in registry.names(rl=True):
             if stage in self.stages and self.uses_reward_stage(stage) and "reward" not in self.stages:
                 raise ValueError(f"{stage} scores with this config's reward stage, but stages has no reward before it "
                                  f"(add reward to stages, or name a reward model or function in {stage})")
         if "control" in self.stages and "sft" not in self.stages:
             raise ValueError("stages has control (SFT continued from the sft stage's output), but no sft stage")
-        if self.eval.data not in self.data or self.data[self.eval.data].kind != "sft":
-            if "eval" in self.stages:
-                raise ValueError(f"eval.data '{self.eval.data}' must name a dataset of kind sft under data: "
-                                 f"(the held-out conversations every model is evaluated on)")
-        if self.eval.pairs is not None and (self.eval.pairs not in self.data
-                                            or self.data[self.eval.pairs].kind != "preference"):
-            raise ValueError(f"eval.pairs '{self.eval.pairs}' must name a dataset of kind preference under data:")
         self._check_methods_across_stages()
         return self
 
@@ -696,10 +671,60 @@ def validate_dict(raw: dict, where: str = "config", lines: dict[tuple, int] | No
     except RecursionError:
         raise PosttrainError("the config is nested too deeply (or refers to itself through a YAML anchor)",
                              where=where, fix="flatten it; no posttrain setting nests more than a few levels") from None
-    for stage, cls_name in TRAINING_STAGE_TRL_CONFIG.items():
+    cfg._where, cfg._lines = where, lines
+    _check_datasets(cfg)
+    for stage, cls_name in TRAINING_SECTIONS.items():
         _check_training(getattr(cfg, stage).training, cls_name, (stage, "training"), where, lines)
     _check_cross_training(cfg, where)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The datasets each stage reads: checked for the chain's stages when the config loads, and by
+# each stage when it starts (check_stage: a stage command may run one that is not in stages:).
+
+
+def check_stage(cfg: Config, stage: str) -> None:
+    """Everything `stage` needs from the config that loading did not check: its datasets, under
+    data: and of the kind it reads. Called first thing by the stages."""
+    record = registry.STAGES[stage]
+    if record.data is not None:
+        _check_dataset(cfg, f"{record.section}.data", record.data, stage)
+    if stage == "ppo" and cfg.ppo.ptx_coef > 0:
+        _check_dataset(cfg, "ppo.ptx_data", "sft", "ppo (ptx_coef > 0)")
+    if stage == "eval":
+        _check_dataset(cfg, "eval.data", "sft", "eval")
+        if cfg.eval.pairs is not None:
+            _check_dataset(cfg, "eval.pairs", "preference", "eval")
+
+
+def _check_datasets(cfg: Config) -> None:
+    """The stages in `stages:`, and any section naming an existing dataset of the wrong kind."""
+    for record in registry.STAGES.values():
+        if record.data is None or record.section != record.name:  # control reads sft's data: checked as sft's
+            continue
+        if record.name in cfg.stages or getattr(cfg, record.name).data in cfg.data:
+            _check_dataset(cfg, f"{record.name}.data", record.data, record.name)
+    if cfg.ppo.ptx_coef > 0:
+        _check_dataset(cfg, "ppo.ptx_data", "sft", "ppo (ptx_coef > 0)")
+    if "eval" in cfg.stages:
+        _check_dataset(cfg, "eval.data", "sft", "eval")
+    if cfg.eval.pairs is not None:
+        _check_dataset(cfg, "eval.pairs", "preference", "eval")
+
+
+def _check_dataset(cfg: Config, key: str, kind: str, needs: str) -> None:
+    section, field = key.split(".")
+    name = getattr(getattr(cfg, section), field)
+    at = _where(cfg._where, cfg._lines, (section, field))
+    if name not in cfg.data:
+        near = did_you_mean(name, cfg.data)
+        raise PosttrainError(f"{key} names dataset '{name}', which is not under data:", where=at,
+                             fix=f"did you mean '{near}'?" if near else f"add a data.{name} section"
+                             + ("" if kind == "any" else f" of kind {kind}"))
+    if kind != "any" and cfg.data[name].kind != kind:
+        raise PosttrainError(f"{key} '{name}' has kind '{cfg.data[name].kind}', but {needs} needs kind '{kind}'",
+                             where=at)
 
 
 def _read_text(p: Path) -> str:
@@ -910,7 +935,7 @@ def _check_cross_training(cfg: Config, where: str) -> None:
     if weights is not None and len(weights) != len(loss_type):
         raise PosttrainError(f"dpo.training.loss_weights has {len(weights)} weights for {len(loss_type)} loss types",
                              where=where, fix="give one weight per entry of loss_type")
-    for stage in ("sft", "reward", "rloo", "grpo", "dpo"):
+    for stage in TRAINING_SECTIONS:
         tr = getattr(cfg, stage).training
         if tr.get("bf16") and tr.get("fp16"):
             raise PosttrainError(f"{stage}.training sets both bf16 and fp16", where=where, fix="choose one")

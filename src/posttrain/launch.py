@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
@@ -39,9 +40,41 @@ LAUNCH_OPTIONS = ("--num-processes", "--distributed")  # what the relaunched com
 _LAUNCHER_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (accelerate, torchrun underneath, or posttrain's own launch) tells a
+    process through its environment: each variable as set, None when unset."""
+    rank: str | None  # RANK
+    local_rank: str | None  # LOCAL_RANK
+    world_size: str | None  # WORLD_SIZE
+    use_fsdp: bool  # ACCELERATE_USE_FSDP=true
+    use_deepspeed: bool  # ACCELERATE_USE_DEEPSPEED=true
+    zero_stage: str | None  # ACCELERATE_DEEPSPEED_ZERO_STAGE
+    status_dir: str | None  # POSTTRAIN_LAUNCH_STATUS (STATUS_ENV): where this process reports a user error
+
+
+def environment() -> LaunchEnv:
+    """The one place posttrain reads the launch environment, at the time of the call."""
+    e = os.environ
+
+    def flag(name: str) -> bool:
+        return e.get(name, "false").lower() == "true"
+
+    return LaunchEnv(rank=e.get("RANK"), local_rank=e.get("LOCAL_RANK"), world_size=e.get("WORLD_SIZE"),
+                     use_fsdp=flag("ACCELERATE_USE_FSDP"), use_deepspeed=flag("ACCELERATE_USE_DEEPSPEED"),
+                     zero_stage=e.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), status_dir=e.get(STATUS_ENV))
+
+
 def inside_launch() -> bool:
     """True in a process that accelerate/torchrun started (it sets the ranks' environment)."""
-    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+    e = environment()
+    return e.local_rank is not None or e.world_size is not None
+
+
+def local_rank(default: int) -> int:
+    """This process's GPU index under a launcher (LOCAL_RANK), else `default`."""
+    rank = environment().local_rank
+    return int(rank if rank is not None else default)
 
 
 _COMMON = {"compute_environment": "LOCAL_MACHINE", "debug": False, "machine_rank": 0, "num_machines": 1,
@@ -237,10 +270,11 @@ def execute(p: dict, argv: list[str], *, debug: bool) -> tuple[int, list[str]]:
 def report_error(code: int, line: str) -> bool:
     """In a launched process: record a user error for the parent to print once. False when this
     process was not launched by posttrain (then the caller prints it as usual)."""
-    d = os.environ.get(STATUS_ENV)
+    e = environment()
+    d = e.status_dir
     if not d or not inside_launch():
         return False
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    rank = int(e.rank if e.rank is not None else e.local_rank if e.local_rank is not None else "0")
     try:
         (Path(d) / f"rank{rank}.json").write_text(json.dumps({"code": code, "line": line, "rank": rank}))
     except OSError:  # e.g. the disk is full: say it here instead
@@ -290,8 +324,8 @@ def distribution(*, sharded: bool = True) -> str:
     elif kind == DistributedType.DEEPSPEED:
         names[kind] = f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
     text = "1 process" if n == 1 else f"{n} processes, {names.get(kind, kind.value)}"
-    flag = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731 (accelerate's launch sets these)
-    asked = "FSDP" if flag("ACCELERATE_USE_FSDP") else "DeepSpeed" if flag("ACCELERATE_USE_DEEPSPEED") else None
+    launched = environment()  # what accelerate's launch asked for
+    asked = "FSDP" if launched.use_fsdp else "DeepSpeed" if launched.use_deepspeed else None
     if asked and not names.get(kind, "").startswith(asked):
         raise PosttrainError(
             f"the launch asked for {asked}, but accelerate set up {text}: it shards only over GPUs, and every "
@@ -313,3 +347,67 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True on the main process (or when not distributed): only it writes stage files."""
+    return process_state().is_main_process
+
+
+def least_across_processes(value: int) -> int:
+    """The smallest value over all processes, so that they all decide the same."""
+    import torch
+    import torch.distributed as dist
+
+    state = process_state()
+    if state.num_processes < 2 or not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], device=state.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+# Reductions over the processes of an accelerate Accelerator (posttrain's PPO): each one is the
+# identity in a single process.
+
+
+def sum_across(acc):
+    """A function that sums a tensor over the processes."""
+    def reduce(x):
+        return acc.reduce(x, reduction="sum") if acc.num_processes > 1 else x
+
+    return reduce
+
+
+def max_across(acc):
+    """A function that takes a tensor's maximum over the processes."""
+    def reduce_max(x):
+        return acc.reduce(x, reduction="max") if acc.num_processes > 1 else x
+
+    return reduce_max
+
+
+def mean_across(x, reduce) -> float:
+    """The mean of a tensor's elements over every process (`reduce`: sum_across)."""
+    import torch
+
+    total = reduce(torch.stack([x.float().sum(), torch.tensor(float(x.numel()), device=x.device)]))
+    return (total[0] / total[1]).item()
+
+
+def mean_over_processes(v: float, acc) -> float:
+    """The mean of one number per process."""
+    if acc.num_processes == 1:
+        return v
+    import torch
+
+    return acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
+
+
+def anywhere(acc, flag: bool) -> bool:
+    """True when the flag is set on any process."""
+    import torch
+
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.reduce(torch.tensor(float(flag), device=acc.device), reduction="sum").item())

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from posttrain import gguf, manifest
+from posttrain import gguf, manifest, registry
 from posttrain.config import Config, to_dict
 
 STARTED = "posttrain.started.json"
@@ -25,13 +25,9 @@ def datasets_of(cfg: Config, stage: str) -> list[str]:
         return cfg.format.datasets or list(cfg.data)
     if stage == "eval":
         return [n for n in (cfg.eval.data, eval_pairs(cfg)) if n in cfg.data]
-    section = getattr(cfg, "sft" if stage == "control" else stage, None)
-    name = getattr(section, "data", None)
+    record = registry.STAGES[stage]
+    name = getattr(cfg, record.section).data if record.data else None
     return [name] if name in cfg.data else []
-
-
-# Stages whose output is a model the eval stage compares (the reward model is a judge, not a row).
-EVAL_MODEL_STAGES = ("sft", "control", "ppo", "rloo", "grpo", "dpo", "merge")
 
 
 def stage_dir(cfg: Config, stage: str) -> str:
@@ -51,7 +47,10 @@ def eval_models(cfg: Config) -> list[tuple[str, str]]:
             seen.add(label)
             out.append((label, path))
         return out
-    order = sorted((s for s in cfg.stages if s in EVAL_MODEL_STAGES), key=EVAL_MODEL_STAGES.index)
+    order = [s for s in cfg.stages if registry.STAGES[s].compared]
+    if "control" in order and "sft" in order:  # the control row right under the SFT it continues
+        order.remove("control")
+        order.insert(order.index("sft") + 1, "control")
     return [("base", cfg.model.name_or_path)] + [(s, stage_dir(cfg, s)) for s in order]
 
 
@@ -78,10 +77,8 @@ def eval_pairs(cfg: Config) -> str | None:
 def control_matches(cfg: Config) -> list[str]:
     """The stages whose training the control stage matches with more SFT: those after sft (in the
     chain) that train something, up to control."""
-    from posttrain.config import MODEL_STAGES
-
     stages = cfg.stages[cfg.stages.index("sft") + 1:] if "sft" in cfg.stages else []
-    return [s for s in stages if s in (*MODEL_STAGES, "reward") and s != "control"]
+    return [s for s in stages if registry.STAGES[s].role in ("policy", "reward")]
 
 
 def control_steps(cfg: Config, sft_dir: str | None = None) -> tuple[int | None, dict]:
@@ -109,11 +106,9 @@ def reads_of(cfg: Config, stage: str) -> list[str]:
     """Directories a stage reads besides its parent: part of its key, so that a change in any of
     them reruns it. RL stages: their reward models; eval: every model it compares and its judges;
     (the control is keyed on the step count it derives from the stages it matches, not on them)."""
-    from posttrain.config import RL_STAGES
-
     if stage == "eval":
         return [p for _, p in eval_models(cfg)] + [p for p in eval_judges(cfg) if p]
-    if stage not in RL_STAGES:
+    if not registry.STAGES[stage].rl:
         return []
     chain_rm = chain_reward_dir(cfg)
     if stage == "ppo":
@@ -123,11 +118,9 @@ def reads_of(cfg: Config, stage: str) -> list[str]:
 
 def reward_functions_of(cfg: Config, stage: str) -> list[str]:
     """The `module:function` specs a stage calls: RLOO/GRPO rewards, eval's function scorers."""
-    from posttrain.config import RL_STAGES
-
     if stage == "eval":
         return [s.function for s in cfg.eval.scorers if s.function is not None]
-    if stage not in RL_STAGES or stage == "ppo":
+    if not registry.STAGES[stage].rl or stage == "ppo":
         return []
     return [r.function for r in getattr(cfg, stage).rewards if r.function is not None]
 

@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from posttrain import registry
 from posttrain.config import Config
 from posttrain.errors import PosttrainError
 
@@ -52,7 +53,6 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 CHUNK_TOKENS = 128
 FUSED_TILE = 4096 * 32768  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE × trl's _CHUNKED_LOGPROB_CHUNK_SIZE
 ONLINE_PROMPT_TOKENS = 256  # TRL 1.16's GRPO/RLOO configs have no prompt limit: assume this many prompt tokens
-STAGES = ("sft", "control", "reward", "ppo", "rloo", "grpo", "dpo")
 TRL_BETA = {"rloo": 0.05, "grpo": 0.0}  # the configs' defaults: with beta 0 TRL loads no reference
 FIXES = ("checkpointing", "batch", "reference", "lora", "qlora")  # least quality cost first
 
@@ -253,7 +253,7 @@ def estimate(s: Settings) -> Estimate:
     adapter = None if s.method == "full" else _with_score(s.adapter) if s.stage == "reward" else s.adapter
     la = 2 if s.method == "qlora" and s.stage != "ppo" else 4  # TRL casts QLoRA adapters to bf16
     a = 4 if s.method == "qlora" else s.act
-    n = s.batch * (2 if s.stage in ("dpo", "reward") else 1)  # chosen and rejected in one forward
+    n = s.batch * (2 if registry.STAGES[s.stage].data == "preference" else 1)  # chosen and rejected in one forward
     # full training: float32 master weights (models.weights_dtype), PPO's included
     trained = 4 if s.method == "full" else s.dtype
     policy = _trained(arch, s.method, adapter, trained, la)
@@ -345,13 +345,14 @@ def estimate_stage(cfg: Config, stage: str, source: str, *, cuda: bool | None = 
 def stage_settings(cfg: Config, stage: str, source: str, *, cuda: bool | None = None) -> Settings:
     from posttrain import lineage
 
-    if stage not in STAGES:
-        raise PosttrainError(f"no memory estimate for stage '{stage}'", fix=f"one of: {', '.join(STAGES)}")
+    estimated = registry.names(launched=True)  # the training stages
+    if stage not in estimated:
+        raise PosttrainError(f"no memory estimate for stage '{stage}'", fix=f"one of: {', '.join(estimated)}")
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    section = "sft" if stage == "control" else stage
+    section = registry.STAGES[stage].section
     sc = getattr(cfg, section)
     arch, adapter = _source_arch(cfg, source)
     if stage == "reward":  # an adapter start is merged first; the reward model gets a new adapter
@@ -374,7 +375,7 @@ def stage_settings(cfg: Config, stage: str, source: str, *, cuda: bool | None = 
     t = sc.training
     key = "gradient_checkpointing" if t.get("gradient_checkpointing") is not None else "activation_checkpointing"
     autocast = t.get("bf16", cuda) or t.get("fp16", False)
-    if stage in ("rloo", "grpo"):
+    if registry.STAGES[stage].rl:  # TRL's RLOO/GRPO (PPO returned above)
         seq = ONLINE_PROMPT_TOKENS + (t.get("max_completion_length") or 512)
         reference = "copy" if t.get("beta", TRL_BETA[stage]) != 0 else "none"
         rms = tuple(_reward_arch(cfg, r.model or lineage.chain_reward_dir(cfg), arch)
@@ -433,14 +434,14 @@ def _auto_config(cfg: Config, source: str):
 def available_bytes() -> int:
     """Free memory where training will run: the current CUDA device's free memory, else the
     system's available RAM."""
-    import os
-
     import torch
+
+    from posttrain import launch
 
     if torch.cuda.is_available():
         # this process's GPU (LOCAL_RANK under a launcher): asking for the current device before the
         # trainer has set it would open a context on GPU 0 from every process
-        return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))[0]
+        return torch.cuda.mem_get_info(launch.local_rank(torch.cuda.current_device()))[0]
     import psutil
 
     return psutil.virtual_memory().available

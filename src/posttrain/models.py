@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain import templates
+from posttrain import launch, templates
 from posttrain.config import Config, LoraConfig
 from posttrain.console import console
 from posttrain.errors import PosttrainError
@@ -63,7 +63,7 @@ _warned_remote_code: set[str] = set()
 def check_weights(cfg: Config, source: str) -> None:
     """Safetensors only, unless model.allow_pickle_weights: a local model whose weights are all
     pickle files is refused before anything is unpickled (Hub models: from_pretrained is told
-    use_safetensors, see _load_kwargs)."""
+    use_safetensors, see load_kwargs)."""
     p = Path(source)
     if cfg.model.allow_pickle_weights or not p.is_dir() or any(p.glob("*.safetensors")):
         return
@@ -254,7 +254,7 @@ def load_causal_lm(cfg: Config, source: str, method: str, lora: LoraConfig, tok:
 
     adapter, source = _adapter_and_base(cfg, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **_load_kwargs(cfg, method, master_weights=True))
+        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs(cfg, method, master_weights=True))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
 
@@ -302,7 +302,7 @@ def trainer_precision(cfg: Config) -> dict:
     return {}
 
 
-def _load_kwargs(cfg: Config, method: str, *, master_weights: bool = False) -> dict:
+def load_kwargs(cfg: Config, method: str, *, master_weights: bool = False) -> dict:
     """from_pretrained arguments shared by every model posttrain trains: dtype (weights_dtype),
     revision, remote code, attention kernel, and 4-bit quantization (on the current GPU) for QLoRA."""
     import torch
@@ -319,19 +319,15 @@ def _load_kwargs(cfg: Config, method: str, *, master_weights: bool = False) -> d
         if torch.cuda.is_available() and not _sharded():
             # this process's GPU: under DDP each process loads its own copy there (the current device
             # is still GPU 0 in every process when the model loads, before the trainer sets it)
-            import os
-
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+            kwargs["device_map"] = {"": launch.local_rank(torch.cuda.current_device())}
     return kwargs
 
 
 def _sharded() -> bool:
     """FSDP or DeepSpeed ZeRO-3 (accelerate's launch environment): they place and shard the weights
     themselves, so a QLoRA base gets no device_map."""
-    import os
-
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or \
-        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    launched = launch.environment()
+    return launched.use_fsdp or launched.zero_stage == "3"
 
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that take packed rows as they are
@@ -370,7 +366,7 @@ def load_sequence_classifier(cfg: Config, source: str, method: str, lora: LoraCo
     adapter, source = _adapter_and_base(cfg, source)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, **_load_kwargs(cfg, method, master_weights=True))
+            source, num_labels=1, **load_kwargs(cfg, method, master_weights=True))
     except (OSError, ValueError) as e:
         raise _hub_error(source, e) from None
     grew = len(tok.tokenizer) > model.get_input_embeddings().weight.shape[0]

@@ -6,22 +6,20 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from posttrain import data, models, templates
-from posttrain.config import Config
+from posttrain import data, models, registry, templates
+from posttrain.config import Config, check_stage
 from posttrain.console import console
 from posttrain.errors import PosttrainError
 
-STAGE_DATA = {"sft": lambda cfg: cfg.sft.data, "dpo": lambda cfg: cfg.dpo.data}
-
 
 def show(cfg: Config, stage: str, n: int) -> None:
-    if stage not in STAGE_DATA:
-        raise PosttrainError(f"--stage '{stage}' has no training data to preview", fix="use sft or dpo")
+    shown = registry.names(preview=True)
+    if stage not in shown:
+        raise PosttrainError(f"--stage '{stage}' has no training data to preview", fix=f"use {' or '.join(shown)}")
     if n < 1:
         raise PosttrainError("-n must be at least 1")
-    name = STAGE_DATA[stage](cfg)
-    if name not in cfg.data:
-        raise PosttrainError(f"{stage}.data names '{name}', which is not under data:")
+    check_stage(cfg, stage)
+    name = getattr(cfg, registry.STAGES[stage].section).data
     tok = models.load_tokenizer(cfg)
     f, stats = data.format_and_check(cfg, name, tok)
     kind = cfg.data[name].kind

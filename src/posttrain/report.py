@@ -17,20 +17,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain import manifest
+from posttrain import manifest, registry
 
 CHAIN = "posttrain-chain.json"
 FIGURES = "report"
-# Curves worth a plot per stage, where the stage logged them (first found wins the subplot).
-CURVES = {
-    "sft": ["loss", "eval_loss"], "control": ["loss", "eval_loss"],
-    "reward": ["loss", "accuracy", "eval_accuracy"],
-    "ppo": ["score", "kl", "ptx_loss", "response_length"],
-    "rloo": ["reward", "kl", "loss"], "grpo": ["reward", "kl", "loss"],
-    "dpo": ["loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"],
-}
-
-
 @dataclass
 class Table:
     header: list[str]
@@ -232,7 +222,7 @@ def lm_eval_table(models: list[dict]) -> Table:
 def curve_blocks(stages: list[dict], figures: Path) -> list[Block]:
     blocks: list[Block] = []
     for r in stages:
-        curves = _curves(Path(r["path"]) / "metrics.jsonl", CURVES.get(r["stage"], []))
+        curves = _curves(Path(r["path"]) / "metrics.jsonl", registry.STAGES[r["stage"]].curves)
         if curves:
             if not blocks:
                 blocks.append(("h2", "Training curves"))
@@ -464,7 +454,7 @@ def _key_metrics(metrics: dict) -> str:
                      if v is not None)
 
 
-def _curves(path: Path, keys: list[str]) -> dict[str, tuple[list, list]]:
+def _curves(path: Path, keys: tuple[str, ...]) -> dict[str, tuple[list, list]]:
     if not path.is_file() or not keys:
         return {}
     series: dict[str, dict[int, float]] = {k: {} for k in keys}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from posttrain import metrics
-from tests.test_chain import assert_clean_error, assert_ok, chain_config, cli, write_yaml
+from tests.helpers import BIN, ENV, ROOT, assert_clean_error, assert_ok, chain_config, cli, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,6 @@ SECRETS = {"HF_TOKEN": "hf_PLANTEDsecret0123456789", "WANDB_API_KEY": "wandb-PLA
 @pytest.fixture(scope="module")
 def chain(tiny_dir, demo_data, tmp_path_factory):
     import subprocess
-
-    from tests.test_chain import BIN, ENV, ROOT
 
     tmp = tmp_path_factory.mktemp("eval-chain")
     out = tmp / "out"

@@ -9,7 +9,7 @@ non-empty adapter whose reference is the adapter disabled, and `merge` folds it 
 after a checkpoint resumes to exactly the metrics and weights of an uninterrupted run. Two
 processes under accelerate give one manifest. The gates (weak reward model, tokenizer mismatch)
 refuse before any weights load; the KL cap, a first-ratio mismatch and collapsed generation stop
-the run. Unit tests for the rollout helpers.
+the run. (The rollout helpers' unit tests: tests/rl/test_rollout.py.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from posttrain.config import PPOStageConfig, validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import core as ppo_core
 from posttrain.rl import rollout
-from posttrain.stages import merge, ppo, reward, sft
+from posttrain.stages import merge, ppo, ppo_checks, ppo_models, reward, sft
 from tests.conftest import finished_checkpoints, tensorboard_scalars, weights_moved
 from tests.helpers import ppo_chain_raw as _raw
 from tests.helpers import ppo_section as _ppo
@@ -163,7 +163,7 @@ def test_ppo_raises_the_score_with_bounded_kl(ppo_full, sft_dir, rm_dir, demo_da
 
     # the first update's probability ratio was checked (once) and was 1
     (first,) = ppo_full["first_ratio"]
-    assert first["max_ratio_dev"] <= ppo.FIRST_RATIO_TOLERANCE
+    assert first["max_ratio_dev"] <= ppo_checks.FIRST_RATIO_TOLERANCE
     assert metrics["first_update"] == ppo_full["first_ratio"][0]
 
     # samples were kept at iterations 1, 10 and 20
@@ -224,34 +224,13 @@ def test_first_ratio_statistics_span_the_whole_first_mini_batch(ppo_config, sft_
 
     monkeypatch.setattr(rollout.PolicyAndValue, "forward", mismatched)
     monkeypatch.setattr(ppo_core, "policy_loss", observed)
-    monkeypatch.setattr(ppo, "FIRST_RATIO_TOLERANCE", 10.0)
+    monkeypatch.setattr(ppo_checks, "FIRST_RATIO_TOLERANCE", 10.0)
     out = ppo.run(ppo_config(steps=1, mini_batch_size=4, gradient_accumulation_steps=2), base=str(sft_dir),
                   output=str(tmp_path / "ppo"))
     first = manifest.read(out)["metrics"]["first_update"]
     assert len(seen) >= 4 and min(seen[:2]) > 0  # 2 micro-batches a mini-batch: the first two are checked
     assert first["max_ratio_dev"] == pytest.approx(max(seen[:2]), rel=1e-6)
     assert first["mean_abs_log_ratio"] > 0
-
-
-def test_first_ratio_check_stops_at_its_thresholds():
-    """float32: max |ratio - 1| over FIRST_RATIO_TOLERANCE stops, just under does not, whatever the
-    mean. Half precision: a per-token maximum from kernel noise does not stop; the mean |log-ratio|
-    over FIRST_RATIO_HALF does, just under does not. Sums are over the mini-batch's 100 tokens; the
-    maximum is taken over the processes (here: a second process's larger one decides)."""
-    def check(dtype, mean_abs, worst, elsewhere=0.0):
-        loop = _sampler_loop(dtype)
-        loop.check_first_ratio(torch.tensor([mean_abs * 100, 0.0, worst]), torch.tensor(100.0), lambda x: x,
-                               lambda x: torch.maximum(x, torch.tensor(elsewhere)))
-        return loop.first_ratio
-
-    assert check("float32", 1e-3, 0.9 * ppo.FIRST_RATIO_TOLERANCE)["max_ratio_dev"] == pytest.approx(9e-4)
-    with pytest.raises(PosttrainError, match=r"the probability ratio is off 1 by 1\.10e-03 \(allowed 0\.001\)"):
-        check("float32", 0.0, 1.1 * ppo.FIRST_RATIO_TOLERANCE)
-    with pytest.raises(PosttrainError, match=r"the probability ratio is off 1 by 1\.10e-03"):
-        check("float32", 0.0, 0.5 * ppo.FIRST_RATIO_TOLERANCE, elsewhere=1.1 * ppo.FIRST_RATIO_TOLERANCE)
-    assert check("bfloat16", 0.9 * ppo.FIRST_RATIO_HALF, 0.5)["mean_abs_log_ratio"] == pytest.approx(0.045)
-    with pytest.raises(PosttrainError, match=r"the mean \|log-ratio\| per token is 5\.50e-02 \(allowed 0\.05\)"):
-        check("bfloat16", 1.1 * ppo.FIRST_RATIO_HALF, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +287,7 @@ def test_full_ppo_in_bf16_keeps_every_update(tiny_dir, demo_data, sft_dir, rm_di
     assert _logs(out16)[0]["kl"] == 0.0  # the reference (a copy of the master weights) computes as the policy
 
     monkeypatch.setattr(models, "weights_dtype", lambda cfg, method, master_weights=False: torch.bfloat16)
-    monkeypatch.setattr(ppo, "_autocast_dtype", lambda cfg, pc: None)
+    monkeypatch.setattr(ppo_models, "autocast_dtype", lambda cfg, pc: None)
     out_lost, m_lost = run("bfloat16", "bf16-weights")
     assert m_lost["precision"] == {"weights": "bfloat16", "autocast": "no"}
     share, _ = weights_moved(sft_dir, out_lost)  # (the few weights that move jump a whole rounding step)
@@ -348,7 +327,7 @@ def test_ppo_continuing_an_sft_adapter_in_bf16(method, tiny_dir, demo_data, sft_
     assert m["trainable_parameters"] == sft_m["trainable_parameters"]
     if method == "lora":  # (a 4-bit base counts its packed storage, not the SFT model's weights)
         assert m["total_parameters"] == sft_m["total_parameters"]  # the reference copy is not counted
-    assert not (out / ppo.REFERENCE_ADAPTER).exists()
+    assert not (out / ppo_models.REFERENCE_ADAPTER).exists()
     trained, started = load_file(str(out / "adapter_model.safetensors")), load_file(
         str(sft_lora_dir / "adapter_model.safetensors"))
     assert trained.keys() == started.keys()
@@ -358,7 +337,7 @@ def test_ppo_continuing_an_sft_adapter_in_bf16(method, tiny_dir, demo_data, sft_
         ref = models.load_causal_lm(cfg, source, "full", pc.lora, models.load_tokenizer(cfg))
         return ref.requires_grad_(False), None, "the starting (SFT) adapter merged into its base"
 
-    monkeypatch.setattr(ppo, "_reference", merged_reference)
+    monkeypatch.setattr(ppo_models, "reference", merged_reference)
     with pytest.raises(PosttrainError, match=r"at the first rollout the policy's KL to the reference"):
         ppo.run(config("merged"), base=str(sft_lora_dir), output=str(tmp_path / "merged" / "ppo"))
 
@@ -565,72 +544,6 @@ def test_collapsed_generation_stops_the_run(ppo_config, sft_dir, tmp_path, monke
     assert not manifest.is_finished(out)
 
 
-def _loop(**pc) -> ppo.Loop:
-    loop = object.__new__(ppo.Loop)  # check_health reads only the PPO settings
-    loop.pc = PPOStageConfig(**pc)
-    return loop
-
-
-def test_check_health_unit():
-    stats = {"score": 1.0, "kl": 2.0, "entropy": 1.0, "explained_variance": float("nan")}
-    different = [("What is 1 + 2?", "1 + 2 = 3", 1.0), ("What is 2 + 2?", "2 + 2 = 4", 1.0)]
-    same = [("What is 1 + 2?", "42", 0.5), ("What is 2 + 2?", "42", 0.5), ("What is 3 + 2?", "42", 0.5)]
-    _loop().check_health(3, stats, different)  # a NaN explained variance is no reason to stop
-    with pytest.raises(PosttrainError, match=r"generation collapsed at iteration 3: every response is '42'"):
-        _loop().check_health(3, stats, same)
-    # the same answer to the same prompt is no collapse; nor is a single sample
-    _loop().check_health(3, stats, [("What is 1 + 2?", "42", 0.5)] * 3)
-    _loop().check_health(3, stats, same[:1])
-    with pytest.raises(PosttrainError, match=r"KL to the reference reached 2\.00 .* 3, over ppo\.kl_cap 1\.5"):
-        _loop(kl_cap=1.5).check_health(3, stats, different)
-    _loop(kl_cap=None).check_health(3, {**stats, "kl": 1e6}, different)
-    with pytest.raises(PosttrainError, match=r"NaN/inf at iteration 3: entropy"):
-        _loop().check_health(3, {**stats, "entropy": float("inf")}, different)
-
-
-def test_negative_kl_and_entropy_collapse_stop_at_their_thresholds():
-    """Issue 16 item 7: a mean KL per response below -ppo.negative_kl_stop (the responses were not
-    sampled from the distribution PPO computes) and a mean entropy below ppo.min_entropy stop the
-    run; just inside either threshold does not, and None turns each off."""
-    stats = {"score": 1.0, "kl": 0.5, "entropy": 1.0, "explained_variance": 0.0}
-    different = [("What is 1 + 2?", "1 + 2 = 3", 1.0), ("What is 2 + 2?", "2 + 2 = 4", 1.0)]
-    _loop().check_health(3, {**stats, "kl": -0.99}, different)
-    with pytest.raises(PosttrainError, match=r"KL to the reference is -1\.01 nats per response at iteration 3, "
-                                             r"below -ppo\.negative_kl_stop -1\.0"):
-        _loop().check_health(3, {**stats, "kl": -1.01}, different)
-    _loop(negative_kl_stop=None).check_health(3, {**stats, "kl": -50.0}, different)
-    _loop().check_health(3, {**stats, "entropy": 1.01e-3}, different)
-    with pytest.raises(PosttrainError, match=r"entropy fell to 0\.00099 nats per token at iteration 3"):
-        _loop().check_health(3, {**stats, "entropy": 0.99e-3}, different)
-    _loop(min_entropy=None).check_health(3, {**stats, "entropy": 0.0}, different)
-
-
-def _sampler_loop(dtype: str) -> ppo.Loop:
-    from types import SimpleNamespace
-
-    loop = _loop()
-    loop.cfg = SimpleNamespace(model=SimpleNamespace(dtype=dtype))  # check_sampler reads only the model's dtype
-    return loop
-
-
-def test_sampler_check_stops_at_its_thresholds():
-    """Issue 16 item 3: the tokens' sampled log-probs must be PPO's. float32: mean |d| over
-    ppo.SAMPLER_GAP stops the run, just under does not. bf16: the signed mean (an estimate of
-    KL(sampler || PPO)) over ppo.SAMPLER_KL_HALF stops it; SmolLM2's bf16 rounding without any
-    fault (mean |d| 0.05, mean d 3e-3) does not. Without recorded log-probs there is nothing to check."""
-    fp32, bf16 = _sampler_loop("float32"), _sampler_loop("bfloat16")
-    fp32.check_sampler(3, {"sampler_gap": 0.9 * ppo.SAMPLER_GAP, "sampler_kl": 0.0})
-    with pytest.raises(PosttrainError, match=r"at iteration 3 the tokens were sampled from another distribution than "
-                                             r"the one PPO computes: .* 1\.10e-03 nats per token "
-                                             r"on average \(absolute\)"):
-        fp32.check_sampler(3, {"sampler_gap": 1.1 * ppo.SAMPLER_GAP, "sampler_kl": 0.0})
-    bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 3e-3})
-    bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 0.9 * ppo.SAMPLER_KL_HALF})
-    with pytest.raises(PosttrainError, match=r"3\.30e-02 nats per token on average \(an estimated KL\), over 0\.03"):
-        bf16.check_sampler(3, {"sampler_gap": 0.05, "sampler_kl": 1.1 * ppo.SAMPLER_KL_HALF})
-    fp32.check_sampler(3, {})
-
-
 @pytest.mark.parametrize(("dtype", "penalty"), [("float32", 1.05), ("bfloat16", 1.5)])
 def test_a_leaked_repetition_penalty_stops_ppo(dtype, penalty, tiny_dir, demo_data, sft_dir, rm_dir, tmp_path,
                                                monkeypatch):
@@ -684,57 +597,6 @@ def test_reward_model_padded_with_another_pad_id_is_refused(ppo_config, sft_dir,
     with pytest.raises(PosttrainError, match=rf"ppo: reward model '{broken}' reads its score .* padded with {pad}"):
         ppo.run(ppo_config(reward_model=str(broken)), base=str(sft_dir), output=str(tmp_path / "ppo"))
     assert not (tmp_path / "ppo" / "metrics.jsonl").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# Rollout helpers
-
-
-def test_cut_at_end_of_turn():
-    eot, pad = 2, 0
-    generated = torch.tensor([[5, 7, eot, 9, eot],
-                              [5, 6, 7, 8, 9],
-                              [eot, 4, 4, 4, 4]])
-    tokens, mask, ended = rollout.cut_at_end_of_turn(generated, eot, pad)
-    assert tokens.tolist() == [[5, 7, eot, pad, pad], [5, 6, 7, 8, 9], [eot, pad, pad, pad, pad]]
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]  # the eot is a real token
-    assert ended.tolist() == [True, False, True]
-
-
-def test_reward_sequences_append_the_suffix_to_ended_responses_only():
-    batch = rollout.Batch(
-        queries=torch.tensor([[0, 11, 12], [13, 14, 15]]),
-        query_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
-        responses=torch.tensor([[5, 2, 0], [6, 7, 8]]),
-        mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
-        ended=torch.tensor([True, False]),
-    )
-    assert rollout.reward_sequences(batch, [99]) == [[11, 12, 5, 2, 99], [13, 14, 15, 6, 7, 8]]
-
-
-def test_template_suffix_is_what_the_reward_model_was_trained_on(tiny_dir):
-    """For ChatML the template writes "\\n" after <|im_end|>; an ended rollout with that suffix is,
-    token for token, the rendered conversation the reward stage trains on."""
-    from posttrain import models
-
-    tok = models.load_tokenizer(validate_dict({"model": {"name_or_path": str(tiny_dir)}, "stages": []}),
-                                need_masks=False)
-    t = tok.tokenizer
-    assert tok.eot_id == t.convert_tokens_to_ids("<|im_end|>")
-    suffix = rollout.template_suffix(t, tok.eot_id)
-    assert t.decode(suffix) == "\n" and len(suffix) == 1
-
-    user = [{"role": "user", "content": "What is 39 + 45?"}]
-    prompt = t(t.apply_chat_template(user, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
-    answer = t("39 + 45 = 84", add_special_tokens=False)["input_ids"] + [tok.eot_id]
-    q, qm = rollout.left_pad([prompt["input_ids"], prompt["input_ids"][1:]], t.pad_token_id)
-    responses, mask, ended = rollout.cut_at_end_of_turn(torch.tensor([answer + [5, 5], answer + [5, 5]]),
-                                                        tok.eot_id, t.pad_token_id)
-    seqs = rollout.reward_sequences(rollout.Batch(q, qm, responses, mask, ended), suffix)
-    full = t(t.apply_chat_template(user + [{"role": "assistant", "content": "39 + 45 = 84"}], tokenize=False),
-             add_special_tokens=False)["input_ids"]
-    assert seqs[0] == full
-    assert seqs[1] == full[1:]
 
 
 def test_prompts_are_split_between_processes_and_reproducible():

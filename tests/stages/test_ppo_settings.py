@@ -23,7 +23,7 @@ SETTINGS = {"gamma": 0.9, "lam": 0.7, "cliprange": 0.13, "cliprange_value": 0.17
 
 
 def _ppo_loop(tiny_dir, make_config, tmp_path, **settings):
-    """A Loop in-process on the tiny model (as tests/rl/test_chunked.py builds it), without ptx,
+    """A Loop in-process on the tiny model (as tests/rl/test_logprobs.py builds it), without ptx,
     with a reference that is the policy plus noise (the KL penalty then moves the rewards)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -98,7 +98,7 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_one_before(damage, tmp_pa
     import torch
     from safetensors.torch import save_file
 
-    from posttrain.stages import common
+    from posttrain.stages import checkpoints
 
     for step in (10, 20):
         d = tmp_path / "checkpoints" / f"checkpoint-{step}"
@@ -106,15 +106,15 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_one_before(damage, tmp_pa
         save_file({"w": torch.randn(64, 64)}, str(d / "model.safetensors"))
         torch.save({"state": torch.randn(64, 64)}, d / "optimizer.pt")
         (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    assert common.last_checkpoint(tmp_path).name == "checkpoint-20"  # all readable: the newest
+    assert checkpoints.last_checkpoint(tmp_path).name == "checkpoint-20"  # all readable: the newest
 
     target = tmp_path / "checkpoints" / "checkpoint-20" / damage
     with target.open("r+b") as f:  # a copy cut short / a full disk
         f.truncate(target.stat().st_size // 2)
-    assert common.last_checkpoint(tmp_path).name == "checkpoint-10"
+    assert checkpoints.last_checkpoint(tmp_path).name == "checkpoint-10"
     assert f"checkpoint-20 is damaged ({damage}" in " ".join(capsys.readouterr().err.split())
 
     older = tmp_path / "checkpoints" / "checkpoint-10" / damage
     with older.open("r+b") as f:
         f.truncate(10)
-    assert common.last_checkpoint(tmp_path) is None
+    assert checkpoints.last_checkpoint(tmp_path) is None

@@ -7,7 +7,7 @@ small), and the LM head runs on `CHUNK_TOKENS` positions at a time; each chunk's
 reduced to a number per position (log-prob, entropy, KL) and freed before the next chunk.
 With gradients each chunk runs under activation checkpointing, so backward recomputes one
 chunk's logits at a time instead of keeping them all. Same numbers, same gradients: only the
-order in which positions are computed changes (tests/rl/test_chunked.py checks both).
+order in which positions are computed changes (tests/rl/test_logprobs.py checks both).
 
 Callers also pick the positions first (the response, the assistant tokens), so prompt positions
 never reach the LM head at all.
@@ -81,7 +81,7 @@ def check_head(lm, inputs: dict) -> None:
 def logits_function(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden states → logits, as the model's forward computes them from its body's output: the LM
     head, then the final-logit transforms transformers' causal LMs apply (Gemma's soft-capping,
-    Cohere's logit_scale, Granite's logits_scaling). tests/rl/test_chunked.py checks it against
+    Cohere's logit_scale, Granite's logits_scaling). tests/rl/test_logprobs.py checks it against
     model(...).logits for Llama and Gemma-3."""
     lm = causal_lm(model)
     head = lm.get_output_embeddings()

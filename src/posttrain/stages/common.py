@@ -1,26 +1,25 @@
-"""Pieces every training stage shares: where it starts from, the TRL config kwargs, reusing the
-format stage's data, saving with checks, and lineage. Each stage file stays readable top to
-bottom and calls these in the same order."""
+"""Pieces every training stage shares: where it starts from, the TRL config kwargs (with the
+memory estimate and the speed defaults), saving with checks, and the manifest. Each stage file
+stays readable top to bottom and calls these in the same order. Checkpoints are in
+stages/checkpoints.py; which process is the main one, and the launch environment, in launch.py."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import launch, lineage, manifest, models, templates
+from posttrain import launch, lineage, manifest, models, registry, templates
 from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
-
-CHECKPOINTS = "checkpoints"
+from posttrain.stages import checkpoints
 
 
 def resolve_base(base: str, *, allow_adapter: bool = False) -> str:
     """A finished stage directory, a model directory or a Hub id."""
     p = Path(base)
-    started = any(p.glob(f"{CHECKPOINTS}/checkpoint-*")) or (p / "posttrain.started.json").exists()
+    started = any(p.glob(f"{checkpoints.CHECKPOINTS}/checkpoint-*")) or (p / "posttrain.started.json").exists()
     if p.is_dir() and started and not manifest.is_finished(p):
         raise PosttrainError(f"base '{base}' is an unfinished stage (no posttrain.json)",
                              fix="finish it with --resume, or point --base at a finished stage")
@@ -36,7 +35,7 @@ def default_base(cfg: Config, stage: str) -> str:
     """Without --base: the output of the last policy stage before `stage` in this config's chain
     (it must be finished), else model.name_or_path."""
     stages = cfg.stages[: cfg.stages.index(stage)] if stage in cfg.stages else cfg.stages
-    before = [s for s in stages if s in config_mod.MODEL_STAGES and s != stage]
+    before = [s for s in stages if registry.STAGES[s].policy and s != stage]
     if not before:
         return cfg.model.name_or_path
     d = Path(cfg.output_dir) / before[-1]
@@ -50,9 +49,10 @@ def default_base(cfg: Config, stage: str) -> str:
 
 def check_output(out: Path, source: str, *, resume: bool, overwrite: bool) -> Path | None:
     """Refuse to write over the base or a finished stage; the checkpoint to resume from, if asked."""
-    last = last_checkpoint(out) if resume else None
+    last = checkpoints.last_checkpoint(out) if resume else None
     if resume and last is None:
-        raise PosttrainError(f"--resume: no checkpoint in '{out / CHECKPOINTS}'", fix="run without --resume")
+        raise PosttrainError(f"--resume: no checkpoint in '{out / checkpoints.CHECKPOINTS}'",
+                             fix="run without --resume")
     if Path(source).resolve() == out.resolve():
         raise PosttrainError(f"the output '{out}' is the base model's own directory",
                              fix="pass --output to write the new stage elsewhere")
@@ -72,9 +72,6 @@ def seed(cfg: Config) -> None:
     set_seed(cfg.seed)
 
 
-KEEPS_BEST = ("sft", "reward", "dpo")  # the TRL stages whose held-out loss picks the best checkpoint
-
-
 def check_memory(cfg: Config, stage: str, source: str):
     """The stage's memory estimate (posttrain.memory) before its weights load, with a warning on
     the main process when it won't fit that names the cheapest change that would. Unless the
@@ -88,32 +85,19 @@ def check_memory(cfg: Config, stage: str, source: str):
     try:
         est = memory.estimate_stage(cfg, stage, source)
     except Exception as e:  # noqa: BLE001 - advisory: an architecture it can't read must not stop training
-        if trainer_is_main() and not isinstance(e, PosttrainError):
+        if launch.is_main_process() and not isinstance(e, PosttrainError):
             console.print(f"[dim]memory estimate unavailable for this model ({type(e).__name__}: {e})[/]")
         return None
-    available = _least_across_processes(memory.available_bytes())
+    available = launch.least_across_processes(memory.available_bytes())
     section = "sft" if stage == "control" else stage
     if stage != "ppo" and not any(k in getattr(cfg, section).training for k in CHECKPOINTING_KEYS):
         # posttrain's default: activation checkpointing only when the stage won't fit without it
         without = memory.estimate(replace(est.settings, checkpointing=False))
         est = without if without.total <= available else memory.estimate(replace(est.settings, checkpointing=True))
     warning = memory.check(est, available)
-    if warning and trainer_is_main():
+    if warning and launch.is_main_process():
         console.print(f"[yellow]warning[/] memory: {warning}")
     return est
-
-
-def _least_across_processes(value: int) -> int:
-    """The smallest value over all processes, so that they all decide the same."""
-    import torch
-    import torch.distributed as dist
-
-    state = launch.process_state()
-    if state.num_processes < 2 or not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], device=state.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")  # transformers 5.23 takes both
@@ -136,7 +120,7 @@ def speed_defaults(cfg: Config, stage: str, has_cuda: bool, estimate=None) -> di
     out = {"activation_checkpointing": bool(estimate is not None and estimate.settings.checkpointing)}
     if has_cuda and stage == "sft" and models.attention(cfg) in models.VARLEN_ATTENTION:
         out.update(packing=True, packing_strategy="bfd")
-    if has_cuda and stage in ("sft", "reward", "dpo") and _liger_installed():
+    if has_cuda and registry.STAGES[stage].liger and _liger_installed():
         out["use_liger_kernel"] = True
     return out
 
@@ -178,13 +162,14 @@ def trainer_kwargs(cfg: Config, stage: str, out: Path, has_eval: bool, estimate=
     if any(k in user for k in CHECKPOINTING_KEYS):  # either name set by the user decides
         speed.pop("activation_checkpointing")
     defaults.update(speed)
-    if has_eval and stage in KEEPS_BEST:
+    best = registry.STAGES[stage].best
+    if has_eval and best is not None:
         # Held-out loss at every save, so rotation keeps the best checkpoint besides the newest ones.
-        defaults.update(eval_strategy="steps", metric_for_best_model="eval_loss")
+        defaults.update(eval_strategy="steps", metric_for_best_model=best)
     kwargs = {**defaults, **user}
     if kwargs.get("eval_strategy") == "steps" and "eval_steps" not in user:
         kwargs["eval_steps"] = kwargs["save_steps"]
-    kwargs["output_dir"] = str(out / CHECKPOINTS)
+    kwargs["output_dir"] = str(out / checkpoints.CHECKPOINTS)
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     return kwargs
@@ -284,7 +269,7 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
     manifest.write(out, {
         "stage": stage,
         **fields,
-        **({"checkpoints": checkpoints_record(out)} if (out / CHECKPOINTS).is_dir() else {}),
+        **({"checkpoints": checkpoints.checkpoints_record(out)} if (out / checkpoints.CHECKPOINTS).is_dir() else {}),
         "parent": lineage.parent_record(parent),
         **({"origin": found} if (found := lineage.origin(parent)) else {}),
         "inputs_key": key,
@@ -297,27 +282,6 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
         "started": started,
         "finished": manifest.now(),
     })
-
-
-def checkpoints_record(out: Path) -> dict:
-    """The checkpoints rotation kept, and the best by held-out loss (TRL stages) or reward (PPO),
-    as the newest checkpoint's trainer state recorded it."""
-    kept = sorted_checkpoints(out)
-    state = {}
-    if kept:
-        try:
-            state = json.loads((kept[-1] / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    best = state.get("best_model_checkpoint")
-    return {"kept": [p.name for p in kept], "best": Path(best).name if best else None,
-            "best_metric": state.get("best_metric")}
-
-
-def sorted_checkpoints(out: Path) -> list[Path]:
-    d = out / CHECKPOINTS
-    found = [p for p in d.glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit()] if d.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
 
 def adapter_base_of(source: str, method: str) -> str | None:
@@ -357,43 +321,6 @@ def special_tokens(tok: models.TokenizerInfo) -> dict:
     t = tok.tokenizer
     return {"bos": t.bos_token_id, "eos": t.eos_token_id, "pad": t.pad_token_id, "eot": tok.eot_id,
             "vocab_size": len(t)}
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete, readable checkpoint. The trainer writes trainer_state.json last, so a
-    process killed while saving leaves a checkpoint without it (or with a torn one): skip such. A
-    checkpoint whose weights or optimizer/RNG files are truncated (a full disk, a copy cut short)
-    is skipped too, with a warning naming the file, so a resume falls back to the one before."""
-    for ckpt in reversed(sorted_checkpoints(out)):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        damaged = damaged_file(ckpt)
-        if damaged is None:
-            return ckpt
-        console.print(f"[yellow]warning[/] {ckpt} is damaged ({damaged}); trying the checkpoint before it",
-                      soft_wrap=True)
-    return None
-
-
-def damaged_file(ckpt: Path) -> str | None:
-    """The first unreadable file of a checkpoint: safetensors whose header or length is wrong, or
-    torch files (.pt/.pth/.bin, zip archives) without their end record. None when all read."""
-    import zipfile
-
-    from safetensors import safe_open
-
-    for f in sorted(ckpt.rglob("*")):
-        if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), "pt"):
-                    pass
-            except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
-                return f"{f.name}: {str(e).splitlines()[0]}"
-        elif f.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(f):
-            return f"{f.name}: not a complete torch archive"
-    return None
 
 
 def evaluate_before_training(trainer) -> dict:
@@ -438,11 +365,6 @@ def start_output(out: Path, key: str, *, resume: bool) -> None:
         manifest.prepare_output(out, overwrite=True, resume=resume)
         lineage.mark_started(out, key)
     state.wait_for_everyone()
-
-
-def trainer_is_main() -> bool:
-    """True on the main process (or when not distributed): only it writes stage files."""
-    return launch.process_state().is_main_process
 
 
 def finished(out: Path) -> None:

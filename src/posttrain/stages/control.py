@@ -40,3 +40,6 @@ def matched_steps(cfg: Config, sft_dir: str) -> tuple[int, dict]:
                              "recording train_sequences", fix=f"run {missing[0]} first, or set control.steps")
     raise PosttrainError("control: no stage after sft to match (or the sft stage recorded no batch size)",
                          fix="put the stages to compare between sft and control in stages:, or set control.steps")
+
+
+key_metrics = sft.key_metrics  # the chain summary's numbers: SFT's (held-out loss, steps)

@@ -23,16 +23,13 @@ import math
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from posttrain import data, lineage, manifest, models
-from posttrain.config import Config, stage_output
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
 
 PROBE_PAIRS = 256  # pairs for the step-0 check and the before/after numbers when there is no eval set
-EARLY_STEPS = 10  # "within the first steps" for the collapse alarm (or 5% of the run, if longer)
 
 
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,
@@ -40,9 +37,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     started, t0 = manifest.now(), time.time()
     dc = cfg.dpo
     out = stage_output(cfg, "dpo", output)
-    if dc.data not in cfg.data:
-        raise PosttrainError(f"dpo.data names dataset '{dc.data}', which the config has no data.{dc.data} section for",
-                             fix=f"add data.{dc.data} with kind: preference (or pass a config file that has one)")
+    check_stage(cfg, "dpo")
 
     # 1. where DPO starts
     source = common.resolve_base(base or common.default_base(cfg, "dpo"), allow_adapter=True)
@@ -66,7 +61,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     # 3. policy, reference, trainer
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain.callbacks import MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
+    from posttrain.callbacks import DPOGuard, MetricsJsonl, StopOnSignal, TrainingGuard, tensorboard_into
 
     common.start_output(out, key, resume=resume)
     # adapter_disabled: TRL applies the new adapter itself and disables it for the reference.
@@ -192,29 +187,6 @@ def check_step0(m: dict, args, tolerance: float) -> None:
                              fix="check dpo.reference and --base")
 
 
-class DPOGuard(TrainerCallback):
-    """Safeguard #8: stop on a zero gradient norm or a loss that collapses to ~0 within the first steps."""
-
-    def __init__(self, args, collapse_loss: float):
-        self.collapse_loss = collapse_loss
-        self.early = max(EARLY_STEPS, int(0.05 * max(args.max_steps, 0)))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if logs.get("grad_norm") == 0.0:
-            raise PosttrainError(
-                f"the gradient norm is 0 at step {state.global_step}: nothing is learning",
-                fix="check that chosen and rejected differ after the prompt, and the learning rate",
-            )
-        loss = logs.get("loss")
-        if loss is not None and loss < self.collapse_loss and state.global_step <= self.early:
-            raise PosttrainError(
-                f"the DPO loss fell to {loss:.4g} by step {state.global_step}: it collapsed instead of learning",
-                fix="check that the reference is the starting model (dpo.reference) and that the pairs are not "
-                "trivially separable; lower the learning rate or raise beta",
-            )
-
-
 def _evaluate(trainer, *, after_training: bool = False) -> dict:
     """Loss, rewards and log-probs on the held-out pairs. TRL returns only the loss from
     evaluate() and logs the rest, so read them from the log record evaluate() just wrote (or, after
@@ -233,3 +205,10 @@ def _before_after(before: dict | None, after: dict, key: str) -> str:
     if before is None or key not in before or key not in after:
         return f"{after.get(key, float('nan')):.3f}"
     return f"{before[key]:.3f} → {after[key]:.3f}"
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    metrics = m.get("metrics", {})
+    return {"reward acc": metrics.get("reward_accuracy"), "margin": metrics.get("reward_margin"),
+            "steps": metrics.get("steps")}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain import data, gguf, lineage, manifest, metrics, models
-from posttrain.config import Config, stage_output
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
@@ -50,7 +50,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     if models_:
         cfg = cfg.model_copy(update={"eval": ec.model_copy(update={"models": list(models_)})})
         ec = cfg.eval
-    _check_datasets(cfg)
+    check_stage(cfg, "eval")
     targets = lineage.eval_models(cfg)
     for label, path in targets:
         if not ec.models and label != "base" and not manifest.is_finished(path):
@@ -159,22 +159,6 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
 # Models and data
 
 
-def _check_datasets(cfg: Config) -> None:
-    """eval.data (kind sft) and the pairs (kind preference) are under data: (the config checks this
-    only when eval is in stages; `posttrain eval` runs it either way)."""
-    from posttrain.errors import did_you_mean
-
-    for key, name, kind in (("eval.data", cfg.eval.data, "sft"), ("eval.pairs", cfg.eval.pairs, "preference")):
-        if name is None:
-            continue
-        if name not in cfg.data:
-            near = did_you_mean(name, cfg.data)
-            raise PosttrainError(f"{key} names dataset '{name}', which is not under data:",
-                                 fix=f"did you mean '{near}'?" if near else f"add a data.{name} section")
-        if cfg.data[name].kind != kind:
-            raise PosttrainError(f"{key} '{name}' has kind '{cfg.data[name].kind}', but eval needs kind '{kind}'")
-
-
 def _check_exists(label: str, path: str) -> None:
     """A local model must be there and finished; a name whose parent directory doesn't exist here
     is taken for a Hub id (its loading gives the offline/Hub error)."""
@@ -213,8 +197,8 @@ def load_model(cfg: Config, path: str, tok: models.TokenizerInfo, device, *, pro
         base_model, _ = load_model(cfg, under, tok, device, probes=probes)
     else:
         models.check_weights(cfg, source)
-        base_model = AutoModelForCausalLM.from_pretrained(source, **models._load_kwargs(cfg, "qlora" if quantized
-                                                                                        else "full"))
+        base_model = AutoModelForCausalLM.from_pretrained(source, **models.load_kwargs(cfg, "qlora" if quantized
+                                                                                       else "full"))
         _fit_vocab(base_model, tok)
         if not quantized:
             base_model = base_model.to(device)
@@ -562,3 +546,8 @@ def _print_summary(results: list[dict], ec, out: Path) -> None:
             parts.append(f"pref {r['preference']['accuracy']:.0%}")
         rows[r["label"]] = "  ".join(parts)
     summary(f"eval ({first} decoding; all decodings in {out / RESULTS})", rows)
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    return {"models": len(m.get("models", [])), "prompts": m.get("settings", {}).get("prompts")}

@@ -69,3 +69,8 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
         })
     console.print(f"finished: {out}", soft_wrap=True)
     return out
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    return {f"{n} rows": d["train_rows"] for n, d in m.get("datasets", {}).items()}

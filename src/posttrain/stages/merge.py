@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from posttrain import config as config_mod
-from posttrain import lineage, manifest, models
+from posttrain import launch, lineage, manifest, models, registry
 from posttrain.config import Config, stage_output
 from posttrain.console import console, summary
 from posttrain.errors import PosttrainError
@@ -79,7 +79,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     changed = check_changed(before, _weight_samples(merged))
 
     # 4. save, reload with plain transformers, generate
-    if common.trainer_is_main():
+    if launch.is_main_process():
         manifest.prepare_output(out, overwrite=True)
         lineage.mark_started(out, key)
     models.sync_special_ids(merged, tok)
@@ -121,7 +121,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 def default_adapter(cfg: Config) -> str:
     """Without --base: the output of the last training stage before merge in this config."""
     stages = cfg.stages[: cfg.stages.index("merge")] if "merge" in cfg.stages else cfg.stages
-    trained = [s for s in stages if s in config_mod.MODEL_STAGES]
+    trained = [s for s in stages if registry.STAGES[s].policy]
     if not trained:
         raise PosttrainError("merge needs an adapter: pass --base, or put a training stage before merge in stages")
     d = Path(cfg.output_dir) / trained[-1]
@@ -257,3 +257,9 @@ def _weight_samples(model) -> dict:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
             out[key] = weight.detach().flatten()[:SAMPLE].clone()
     return out
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    checks = m.get("checks", {})
+    return {"parity Δ": checks.get("parity", {}).get("max_abs_diff"), "stops": checks.get("reload", {}).get("stopped")}

@@ -30,15 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain import lineage, manifest, models
-from posttrain.config import Config, OnlineStageConfig, stage_output
-from posttrain.console import console, peak_memory_mb, summary
+from posttrain import lineage, manifest, models, registry
+from posttrain.config import Config, OnlineStageConfig, check_stage, stage_output
+from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.rl.prompts import prompt_data
 from posttrain.stages import common
-
-TRAINERS = {"grpo": ("GRPOConfig", "GRPOTrainer"), "rloo": ("RLOOConfig", "RLOOTrainer")}
 
 
 @dataclass
@@ -64,10 +62,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
     started, t0 = manifest.now(), time.time()
     section: OnlineStageConfig = getattr(cfg, stage)
     out = stage_output(cfg, stage, output)
-    if section.data not in cfg.data:
-        raise PosttrainError(f"{stage}.data names dataset '{section.data}', which the config has no "
-                             f"data.{section.data} section for",
-                             fix=f"add data.{section.data} (an sft or preference dataset whose prompts are sampled)")
+    check_stage(cfg, stage)
 
     # 1. where the policy starts
     source = common.resolve_base(base or common.default_base(cfg, stage), allow_adapter=True)
@@ -86,7 +81,8 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
 
     from posttrain.callbacks import MetricsJsonl, StopOnSignal, tensorboard_into
 
-    config_cls, trainer_cls = (getattr(trl, name) for name in TRAINERS[stage])
+    config_name = registry.STAGES[stage].trl_config  # RLOOConfig -> RLOOTrainer, GRPOConfig -> GRPOTrainer
+    config_cls, trainer_cls = getattr(trl, config_name), getattr(trl, config_name.replace("Config", "Trainer"))
     estimate = common.check_memory(cfg, stage, source)
     kwargs = common.trainer_kwargs(cfg, stage, out, has_eval=eval_ds is not None, estimate=estimate)
     kwargs["reward_weights"] = [r.weight for r in sources]
@@ -150,7 +146,7 @@ def run(cfg: Config, stage: str, *, base: str | None, output: str | None, resume
         "num_generations": args.num_generations,
         # each completion is generated once and trained on num_iterations times
         "train_sequences": round(trainer.state.global_step * common.global_batch_size(args)
-                                 * (1 + 1 / getattr(args, "num_iterations", 1))),
+                                 * (1 + 1 / args.num_iterations)),
         "speed": common.speed_line(args, model),
         "memory_estimate_mb": common.estimate_mb(estimate),
     }
@@ -489,3 +485,10 @@ def _first_line(e: Exception) -> str:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4g}"
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for rloo and grpo (chain.key_metrics)."""
+    metrics = m.get("metrics", {})
+    return {"score": f"{fmt(metrics.get('score_first'))} → {fmt(metrics.get('score_last'))}",
+            "kl": metrics.get("kl_last"), "steps": metrics.get("steps")}

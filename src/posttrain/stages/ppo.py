@@ -1,6 +1,8 @@
 """`posttrain ppo`: RLHF with PPO against the reward model, written in this project (TRL removed its
 PPOTrainer in 1.13). The algorithm and its details are in docs/ppo.md; the arithmetic is in
-rl/core.py, sampling and the forward passes in rl/rollout.py.
+rl/core.py, sampling and the forward passes in rl/rollout.py; the reference and value model in
+stages/ppo_models.py, the checks that stop a run in stages/ppo_checks.py, the checkpoint format in
+stages/checkpoints.py.
 
 Reads top to bottom:
  1. the policy: --base, else the chain's policy before this stage (the SFT output);
@@ -22,39 +24,20 @@ Reads top to bottom:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
 
 from posttrain import data, disk, launch, lineage, manifest, models
-from posttrain.config import Config, PPOStageConfig, stage_output
+from posttrain.config import Config, PPOStageConfig, check_stage, stage_output
 from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.rl.prompts import prompt_data
-from posttrain.stages import common
+from posttrain.stages import checkpoints, common, ppo_checks, ppo_models
 
-FIRST_RATIO_TOLERANCE = 1e-3  # float32: max |ratio - 1| allowed over the first mini-batch (before any update)
-# Half precision: mean |log-ratio| per token allowed there (Loop.check_first_ratio). Measured on the
-# demo SFT model (docs/benchmarks.md): 0 exactly on the CPU in bf16 without a fault; an update
-# temperature off by x1.02 gives 1.4e-2 (not caught in half precision; float32's maximum catches
-# it), x1.1 6.4e-2 (LoRA) / 7e-2 (full), x1.5 0.43. GPU kernels' batch-size noise is unmeasured
-# (no GPU was lent); on SmolLM2 in bf16 even a cached generation and a full forward differ by only
-# 0.043-0.050 per token, so the limit sits at that, not below it.
-FIRST_RATIO_HALF = 5e-2
-# How far the distribution generate() drew each response token from may be from the one PPO's
-# forward computes (rollout.SampledLogprobs), per response token, from d = log π_sampled - log π_PPO:
-# in float32 the mean |d| (rounding: <= 3e-6); in half precision the mean d, which estimates
-# KL(sampler || PPO) >= 0, because |d| from rounding alone grows with depth (SmolLM2 in bf16: mean
-# |d| 0.05 without any fault) while its signed mean stays near 0 (SmolLM2: |mean d| <= 3e-3).
-# A repetition_penalty of 1.05 leaking from generation_config.json: mean |d| 0.04-0.05 (demo SFT
-# model), 0.20-0.22 (SmolLM2); mean d 0.06-0.09 on SmolLM2. Measured on the CPU (docs/benchmarks.md).
-SAMPLER_GAP = 1e-3  # float32: max mean |d|
-SAMPLER_KL_HALF = 3e-2  # bfloat16/float16: max mean d
 SAMPLES_SHOWN = 2
 
 
@@ -63,10 +46,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     started, t0 = manifest.now(), time.time()
     pc = cfg.ppo
     out = stage_output(cfg, "ppo", output)
-    for setting, name in (("ppo.data", pc.data), ("ppo.ptx_data", pc.ptx_data if pc.ptx_coef > 0 else None)):
-        if name is not None and name not in cfg.data:
-            raise PosttrainError(f"{setting} names dataset '{name}', which the config has no data.{name} section for",
-                                 fix=f"add data.{name} (an sft or preference dataset)")
+    check_stage(cfg, "ppo")
 
     # 1. where PPO starts, and what it optimises
     source = common.resolve_base(base or common.default_base(cfg, "ppo"), allow_adapter=True)
@@ -109,12 +89,12 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     estimate = common.check_memory(cfg, "ppo", source)
     policy = models.load_causal_lm(cfg, source, pc.method, pc.lora, tok)
     trainable, total = models.trainable_parameters(policy)  # before a reference adapter joins the policy
-    reference, ref_adapter, ref_kind = _reference(source, policy, pc)
+    reference, ref_adapter, ref_kind = ppo_models.reference(source, policy, pc)
     reward_model = rewards.load_reward_model(rm_path)
     rewards.check_pad(reward_model, tok.tokenizer.pad_token_id, rm_path, "ppo")
     if not getattr(reward_model, "is_loaded_in_4bit", False):  # a QLoRA reward model is placed at load
         reward_model.to(accelerator.device)
-    value = rollout.ValueModel(_value_classifier(cfg, value_path, pc))
+    value = rollout.ValueModel(ppo_models.value_classifier(cfg, value_path, pc))
     for m in (policy, value, reward_model, reference):
         if m is not None:
             m.eval()  # dropout off everywhere: rollout and update log-probs must agree (N+ detail)
@@ -128,7 +108,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         reference.to(accelerator.device)
     resident_mb = models.weights_mb(policy, reference, reward_model, value)  # the peak's rest: the loop's own
     loop = Loop(cfg, pc, accelerator, model, optimizer, reference, reward_model, tok, queries, out, ptx,
-                ref_adapter=ref_adapter, autocast=_autocast_dtype(cfg, pc))
+                ref_adapter=ref_adapter, autocast=ppo_models.autocast_dtype(cfg, pc))
     if last_checkpoint:
         loop.load(last_checkpoint)
 
@@ -219,55 +199,7 @@ def _ptx_examples(cfg: Config, pc: PPOStageConfig, tok) -> list | None:
     return rollout.sft_examples(tok.tokenizer, train["messages"], cfg.sft.training.get("max_length", 1024))
 
 
-REFERENCE_ADAPTER = "reference"
-
-
-def _reference(source: str, policy, pc: PPOStageConfig):
-    """The frozen model the KL penalty is measured against: always the starting policy, computed as
-    the policy computes. Returns (a separate reference model or None, the name of the policy's own
-    reference adapter or None, its description for the manifest).
-
-    A LoRA/QLoRA policy that continues an SFT adapter gets a second, frozen copy of that adapter on
-    its own base: the same network in the same dtype (on the same 4-bit weights for QLoRA). The SFT
-    adapter merged into the base would be another network outside float32 (a per-response KL of
-    1.6e-2 nats at the first rollout in bf16 on the demo model, 7.4e-2 on SmolLM2) and, for QLoRA,
-    another copy of the base in memory."""
-    if pc.method == "full":
-        ref = copy.deepcopy(policy)
-        ref.requires_grad_(False)
-        return ref, None, "frozen copy of the starting policy"
-    if models.adapter_base(source) is not None:  # the policy continues an SFT adapter
-        policy.load_adapter(source, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        return None, REFERENCE_ADAPTER, "frozen copy of the starting (SFT) adapter on the policy's base"
-    return None, None, "the policy with its new LoRA adapter disabled"
-
-
-def _autocast_dtype(cfg: Config, pc: PPOStageConfig):
-    """Full PPO in bf16 trains float32 master weights (models.weights_dtype) and computes every
-    policy and value forward, rollout and update alike, under bf16 autocast: AdamW on bf16 weights
-    loses most updates (5% of the demo model's weights moved in 12 steps at lr 1e-5). None (no autocast) otherwise:
-    LoRA/QLoRA keep model.dtype's base and float32 adapters; full float16 computes in float32 on its
-    master weights (fp16 autocast would need loss scaling, which this loop does not do).
-    Explicit torch.autocast, not Accelerator(mixed_precision=...): accelerate's state is one per
-    process, and the chain's earlier stages set it."""
-    import torch
-
-    dtype = models.torch_dtype(cfg.model.dtype)
-    return torch.bfloat16 if pc.method == "full" and dtype == torch.bfloat16 else None
-
-
-def _value_classifier(cfg: Config, path: str, pc: PPOStageConfig):
-    """The value model starts as the reward model: trained in full, or through its own LoRA adapter
-    (the score head trained in full) when the policy is LoRA/QLoRA."""
-    model = rewards.load_reward_model(path, full_precision=True)
-    if pc.method == "full":
-        return model.requires_grad_(True)
-    from peft import get_peft_model
-
-    return get_peft_model(model, models.lora_config(model, pc.lora, train_embeddings=False, task_type="SEQ_CLS"))
-
-
-class Loop:
+class Loop(ppo_checks.Checks):
     """The PPO iterations, their checkpoints and their logs."""
 
     def __init__(self, cfg, pc: PPOStageConfig, accelerator, model, optimizer, reference, reward_model, tok,
@@ -278,8 +210,8 @@ class Loop:
         self.cfg, self.pc, self.acc = cfg, pc, accelerator
         self.model, self.optimizer, self.reference, self.reward_model = model, optimizer, reference, reward_model
         self.tok, self.queries, self.out, self.ptx = tok, queries, out, ptx
-        self.ref_adapter = ref_adapter  # the policy's frozen copy of its starting adapter (_reference)
-        self.autocast = autocast  # the dtype every policy/value forward computes in, or None (_autocast_dtype)
+        self.ref_adapter = ref_adapter  # the policy's frozen copy of its starting adapter (ppo_models.reference)
+        self.autocast = autocast  # every policy/value forward's dtype, or None (ppo_models.autocast_dtype)
         self.kl = core.KLController(pc.kl_coef, pc.kl_target, pc.kl_horizon)
         self.suffix = rollout.template_suffix(tok.tokenizer, tok.eot_id)
         self.start, self.history, self.norm = 0, [], None
@@ -336,19 +268,12 @@ class Loop:
                 if it == 0 or (it + 1) % self.pc.sample_every == 0:
                     self.show_samples(it + 1, samples)
             self.check_health(it + 1, stats, samples)
-            stopping = self._anywhere(stop.requested)  # every process stops at the same iteration
+            stopping = launch.anywhere(self.acc, stop.requested)  # every process stops at the same iteration
             if (it + 1) % self.pc.save_steps == 0 and it + 1 < self.pc.steps or stopping:
                 self.save(it + 1)
             if stopping:
                 stop.signum = stop.signum or signal.SIGTERM  # a process that got no signal itself
-                stop.raise_if_stopped(it + 1, self.out / common.CHECKPOINTS / f"checkpoint-{it + 1}")
-
-    def _anywhere(self, flag: bool) -> bool:
-        import torch
-
-        if self.acc.num_processes == 1:
-            return flag
-        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.acc.device), reduction="sum").item())
+                stop.raise_if_stopped(it + 1, self.out / checkpoints.CHECKPOINTS / f"checkpoint-{it + 1}")
 
     def step(self, it: int) -> tuple[dict, list]:
         import torch
@@ -358,17 +283,17 @@ class Loop:
         pc, acc, tok = self.pc, self.acc, self.tok
         unwrapped = acc.unwrap_model(self.model)
         pad, eot = tok.tokenizer.pad_token_id, tok.eot_id
-        reduce = _sum_across(acc)
+        reduce = launch.sum_across(acc)
 
         # rollout: sample, then log-probs, reference log-probs, values and scores without gradients
         t0 = time.time()
         q, qm = rollout.left_pad(self.prompts_for(it), pad)
-        with self.precision():  # every policy forward in the same precision (_autocast_dtype)
+        with self.precision():  # every policy forward in the same precision (ppo_models.autocast_dtype)
             batch = rollout.sample(unwrapped.policy, q.to(acc.device), qm.to(acc.device), eot_id=eot, pad_id=pad,
                                    temperature=pc.temperature, top_p=pc.top_p, max_new_tokens=pc.max_new_tokens)
         mask = batch.mask.float()
         self.generate_s += time.time() - t0
-        self.tokens += _mean(mask.sum(1), reduce) * pc.batch_size * acc.num_processes
+        self.tokens += launch.mean_across(mask.sum(1), reduce) * pc.batch_size * acc.num_processes
         micro = pc.mini_batch_size // pc.gradient_accumulation_steps
         with torch.no_grad():
             old_logp, entropy, old_values, ref_logp = self.rollout_forwards(unwrapped, batch, micro)
@@ -381,7 +306,7 @@ class Loop:
             self.check_sampler(it + 1, gap)  # before any update on these samples
             token_rewards, kl = core.per_token_rewards(scores, old_logp, ref_logp, mask, self.kl.value)
             if it == self.start == 0:
-                self.check_reference(kl, _max_across(acc))
+                self.check_reference(kl, launch.max_across(acc))
             advantages, returns = core.gae(token_rewards, old_values, mask, pc.gamma, pc.lam)
             advantages = core.masked_whiten(advantages, mask, reduce)
         self.rollout_s += time.time() - t0
@@ -398,13 +323,13 @@ class Loop:
         n = float(pc.batch_size)
         seq_kl = kl.sum(1)
         stats = {
-            "score": _mean(raw, reduce),
-            "reward": _mean(token_rewards.sum(1), reduce),
-            "kl": _mean(seq_kl, reduce),
+            "score": launch.mean_across(raw, reduce),
+            "reward": launch.mean_across(token_rewards.sum(1), reduce),
+            "kl": launch.mean_across(seq_kl, reduce),
             "kl_coef": self.kl.value,
             "entropy": core.masked_mean(entropy, mask, reduce).item(),
-            "response_length": _mean(mask.sum(1), reduce),
-            "ended": _mean(batch.ended.float(), reduce),
+            "response_length": launch.mean_across(mask.sum(1), reduce),
+            "ended": launch.mean_across(batch.ended.float(), reduce),
             "explained_variance": core.explained_variance(old_values, returns, mask, reduce).item(),
             **gap,
             **update,
@@ -448,7 +373,7 @@ class Loop:
         micro = pc.mini_batch_size // pc.gradient_accumulation_steps
         totals: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + it)
-        reduce = _sum_across(acc)
+        reduce = launch.sum_across(acc)
         for epoch in range(pc.ppo_epochs):
             order = torch.randperm(pc.batch_size, generator=gen).to(acc.device)
             for start in range(0, pc.batch_size, pc.mini_batch_size):
@@ -486,13 +411,13 @@ class Loop:
                 for k, v in parts.items():  # the mini-batch's loss: the sum of its micro-batches' shares
                     totals.setdefault(k, []).append(v)
                 if first:
-                    self.check_first_ratio(ratio, count * acc.num_processes, reduce, _max_across(acc))
+                    self.check_first_ratio(ratio, count * acc.num_processes, reduce, launch.max_across(acc))
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), pc.max_grad_norm)
                 totals.setdefault("grad_norm", []).append(float(grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         out = {k: sum(v) / len(v) for k, v in totals.items() if k != "ratio_max_dev"}
-        return {k: _mean_scalar(v, acc) for k, v in out.items()}
+        return {k: launch.mean_over_processes(v, acc) for k, v in out.items()}
 
     def ptx_batch(self, gen, n: int):
         """n SFT conversations for the ptx term, drawn with the update's generator (resumable)."""
@@ -509,74 +434,6 @@ class Loop:
         ids, attn, labels = rollout.right_pad_sft([self.ptx[i] for i in picks], self.tok.tokenizer.pad_token_id)
         return ids.to(self.acc.device), attn.to(self.acc.device), labels.to(self.acc.device)
 
-    def sampler_gap(self, batch, logp, mask, reduce) -> dict:
-        """d = the log-prob generate() sampled each response token with - PPO's log-prob of it, as its
-        mean |d| and mean d per token: 0 up to rounding when PPO computes the distribution it samples
-        from (check_sampler). Nothing for a batch without recorded log-probs."""
-        import torch
-
-        from posttrain.rl import core
-
-        if batch.sampled_logp is None:
-            return {}
-        d = torch.where(mask.bool(), batch.sampled_logp - logp, torch.zeros_like(logp))
-        return {"sampler_gap": core.masked_mean(d.abs(), mask, reduce).item(),
-                "sampler_kl": core.masked_mean(d, mask, reduce).item()}
-
-    def check_sampler(self, it: int, stats: dict) -> None:
-        from posttrain import numerics
-
-        if "sampler_gap" not in stats:
-            return
-        if numerics.is_half(models.torch_dtype(self.cfg.model.dtype)):
-            name, value, allowed = "on average (an estimated KL)", stats["sampler_kl"], SAMPLER_KL_HALF
-        else:
-            name, value, allowed = "on average (absolute)", stats["sampler_gap"], SAMPLER_GAP
-        if value > allowed:
-            raise PosttrainError(
-                f"at iteration {it} the tokens were sampled from another distribution than the one PPO computes: their "
-                f"log-probs differ by {value:.2e} nats per token {name}, over {allowed:g}; a generation setting "
-                "(repetition_penalty, no_repeat_ngram_size, ...) or another model is changing what generate() samples",
-                fix="report this as a bug, with the policy's generation_config.json")
-
-    def check_reference(self, kl, reduce_max=None) -> None:
-        """Before any update the policy is the starting model, so its KL to the reference is 0 on
-        every sampled response (else the reference is some other model). The worst response over
-        all processes (`reduce_max`), so every process stops, or none."""
-        worst = kl.sum(1).abs().max()
-        worst = float(reduce_max(worst) if reduce_max is not None else worst)
-        if worst > FIRST_RATIO_TOLERANCE:
-            raise PosttrainError(
-                f"at the first rollout the policy's KL to the reference is {worst:.2e} nats on a response, not 0: "
-                "the reference is not the model PPO starts from", fix="report this as a bug")
-
-    def check_first_ratio(self, ratio, tokens, reduce, reduce_max) -> None:
-        """Before any update the policy is the rollout policy: over the first mini-batch the
-        probability ratio is 1 (else dropout, the temperature or the inputs differ between the
-        rollout's forward and the update's). `ratio` holds this process's Σ|log-ratio|, Σ log-ratio
-        and max |ratio - 1| over its micro-batches; `tokens` the mini-batch's real tokens on all;
-        `reduce` sums over the processes and `reduce_max` takes their maximum, so every process
-        reaches the same verdict (one stopping alone would leave the others waiting in a collective).
-
-        The two forwards differ in batch size and in gradients, and GPU kernels in half precision
-        are not batch-invariant, so there the per-token maximum is no test: half precision checks
-        the mean |log-ratio| per token (FIRST_RATIO_HALF); float32 keeps the maximum."""
-        from posttrain import numerics
-
-        sums = reduce(ratio[:2].clone())
-        mean_abs, mean = (sums / tokens.clamp(min=1)).tolist()
-        worst = float(reduce_max(ratio[2].clone()))
-        self.first_ratio = {"mean_abs_log_ratio": mean_abs, "mean_log_ratio": mean, "max_ratio_dev": worst}
-        if numerics.is_half(models.torch_dtype(self.cfg.model.dtype)):
-            value, allowed, what = mean_abs, FIRST_RATIO_HALF, "the mean |log-ratio| per token is"
-        else:
-            value, allowed, what = worst, FIRST_RATIO_TOLERANCE, "the probability ratio is off 1 by"
-        if value > allowed:
-            raise PosttrainError(
-                f"at the first PPO update {what} {value:.2e} (allowed {allowed:g}): the rollout and the update "
-                "compute different log-probs", fix="report this as a bug (dropout or temperature mismatch)")
-        self.first_ratio_checked = True
-
     def normalize(self, raw, reduce):
         """OpenAI's reward normalisation (optional): constants from the first rollout, kept."""
         if not self.pc.normalize_reward:
@@ -590,33 +447,6 @@ class Loop:
             std = math.sqrt(max((total[1] / total[2]).item() - mean * mean, 1e-8))
             self.norm = (mean, std)
         return (raw - self.norm[0]) / self.norm[1]
-
-    def check_health(self, it: int, stats: dict, samples: list) -> None:
-        if self.pc.kl_cap is not None and stats["kl"] > self.pc.kl_cap:
-            raise PosttrainError(
-                f"KL to the reference reached {stats['kl']:.2f} nats per response at iteration {it}, over "
-                f"ppo.kl_cap {self.pc.kl_cap}: the policy is running away from the starting model",
-                fix="raise ppo.kl_coef (or set ppo.kl_target), lower ppo.learning_rate, or raise ppo.kl_cap")
-        if self.pc.negative_kl_stop is not None and stats["kl"] < -self.pc.negative_kl_stop:
-            raise PosttrainError(
-                f"KL to the reference is {stats['kl']:.2f} nats per response at iteration {it}, below "
-                f"-ppo.negative_kl_stop -{self.pc.negative_kl_stop}: estimated on the policy's own samples it cannot "
-                "be negative beyond noise, so the responses were not sampled from the distribution PPO computes",
-                fix="report this as a bug (sampling settings leaking into generation, or a reference on other inputs)")
-        if self.pc.min_entropy is not None and stats["entropy"] < self.pc.min_entropy:
-            raise PosttrainError(
-                f"the policy's entropy fell to {stats['entropy']:.2g} nats per token at iteration {it}, below "
-                f"ppo.min_entropy {self.pc.min_entropy}: sampling has become deterministic (entropy collapse)",
-                fix="raise ppo.kl_coef or lower ppo.learning_rate; check the reward model for a trivial optimum")
-        if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
-            bad = [k for k, v in stats.items() if not math.isfinite(v) and k != "explained_variance"]
-            raise PosttrainError(f"PPO statistics became NaN/inf at iteration {it}: {', '.join(bad)}",
-                                 fix="lower ppo.learning_rate")
-        texts = [s[1] for s in samples]
-        if len(texts) > 1 and len(set(texts)) == 1 and len({s[0] for s in samples}) > 1:
-            raise PosttrainError(
-                f"generation collapsed at iteration {it}: every response is {texts[0]!r}",
-                fix="raise ppo.kl_coef or lower ppo.learning_rate; check the reward model for a trivial optimum")
 
     def show_samples(self, it: int, samples: list) -> None:
         with (self.out / "samples.jsonl").open("a") as f:
@@ -639,41 +469,17 @@ class Loop:
             "reward_normalization": self.norm,
         }
 
-    # -- checkpoints: weights (safetensors), optimizer, random state; trainer_state.json last
+    # -- checkpoints (stages/checkpoints.py holds the format)
     def save(self, it: int) -> None:
-        import torch
-        from safetensors.torch import save_model
-
-        d = self.out / common.CHECKPOINTS / f"checkpoint-{it}"
-        if self.acc.is_main_process:
-            d.mkdir(parents=True, exist_ok=True)
-        self.acc.wait_for_everyone()
-        torch.save(_rng_state(), d / f"rng_{self.acc.process_index}.pth")
-        if self.acc.is_main_process:
-            save_model(self.acc.unwrap_model(self.model), str(d / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self.best = _best(self.best, str(d), self.history[-1]["reward"])
-            state = {"global_step": it, "kl_coef": self.kl.value, "reward_normalization": self.norm,
-                     "rollout_s": self.rollout_s, "update_s": self.update_s, "generate_s": self.generate_s,
-                     "tokens": self.tokens, "log_history": self.history,
-                     "best_model_checkpoint": self.best[0], "best_metric": self.best[1]}
-            (d / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            for old in _rotated(common.sorted_checkpoints(self.out), self.pc.save_total_limit, self.best[0]):
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+        state = {"global_step": it, "kl_coef": self.kl.value, "reward_normalization": self.norm,
+                 "rollout_s": self.rollout_s, "update_s": self.update_s, "generate_s": self.generate_s,
+                 "tokens": self.tokens, "log_history": self.history}
+        self.best = checkpoints.save_ppo(self.acc, self.model, self.optimizer, self.out, it, state,
+                                         reward=self.history[-1]["reward"], best=self.best,
+                                         limit=self.pc.save_total_limit)
 
     def load(self, d: Path) -> None:
-        import torch
-        from safetensors.torch import load_model
-
-        state = json.loads((d / "trainer_state.json").read_text())
-        load_model(self.acc.unwrap_model(self.model), str(d / "model.safetensors"), device=str(self.acc.device))
-        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
-        rng = d / f"rng_{self.acc.process_index}.pth"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+        state = checkpoints.load_ppo(self.acc, self.model, self.optimizer, d)
         self.start, self.kl.value = state["global_step"], state["kl_coef"]
         self.norm = tuple(state["reward_normalization"]) if state["reward_normalization"] else None
         self.best = (state.get("best_model_checkpoint"), state.get("best_metric"))
@@ -682,83 +488,16 @@ class Loop:
         self.history = state["log_history"]
         if self.acc.is_main_process:  # lines written after this checkpoint by the interrupted run
             for name in ("metrics.jsonl", "samples.jsonl"):
-                _truncate_after(self.out / name, self.start)
+                checkpoints.truncate_after(self.out / name, self.start)
         console.print(f"ppo: resuming from {d} (iteration {self.start})")
 
 
-def _best(best: tuple, checkpoint: str, reward: float) -> tuple:
-    """The checkpoint whose iteration had the highest mean reward (score minus the KL penalty)."""
-    return (checkpoint, reward) if best[1] is None or reward > best[1] else best
-
-
-def _rotated(checkpoints: list[Path], limit: int, best: str | None) -> list[Path]:
-    """Which checkpoints rotation deletes: the oldest, keeping `limit`, the newest and the best
-    (as transformers' Trainer does)."""
-    protected = {checkpoints[-1].name, Path(best).name if best else None} - {None} if checkpoints else set()
-    extra = len(checkpoints) - max(limit, len(protected))
-    return [p for p in checkpoints if p.name not in protected][: max(0, extra)]
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    metrics = m.get("metrics", {})
+    return {"score": f"{fmt(metrics.get('score_first'))} → {fmt(metrics.get('score_last'))}",
+            "kl": metrics.get("kl_last"), "steps": metrics.get("steps")}
 
 
 LOGGED = ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",
           "ended", "ptx_loss", "sampler_kl")
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _sum_across(acc):
-    def reduce(x):
-        return acc.reduce(x, reduction="sum") if acc.num_processes > 1 else x
-
-    return reduce
-
-
-def _max_across(acc):
-    def reduce_max(x):
-        return acc.reduce(x, reduction="max") if acc.num_processes > 1 else x
-
-    return reduce_max
-
-
-def _mean(x, reduce) -> float:
-    import torch
-
-    total = reduce(torch.stack([x.float().sum(), torch.tensor(float(x.numel()), device=x.device)]))
-    return (total[0] / total[1]).item()
-
-
-def _mean_scalar(v: float, acc) -> float:
-    if acc.num_processes == 1:
-        return v
-    import torch
-
-    return acc.reduce(torch.tensor(v, device=acc.device), reduction="mean").item()
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from posttrain import data, lineage, manifest, models, numerics
-from posttrain.config import Config, stage_output
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import console, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
@@ -40,9 +40,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     started, t0 = manifest.now(), time.time()
     rc = cfg.reward
     out = stage_output(cfg, "reward", output)
-    if rc.data not in cfg.data:
-        raise PosttrainError(f"reward.data names dataset '{rc.data}', which the config has no data.{rc.data} "
-                             "section for", fix=f"add data.{rc.data} with kind: preference")
+    check_stage(cfg, "reward")
 
     # 1. where the reward model starts
     source = common.resolve_base(base or rc.init or common.default_base(cfg, "reward"), allow_adapter=True)
@@ -233,3 +231,10 @@ def check_reload(out: Path, sequences: list[list[int]], pad: int, expected: list
         raise PosttrainError(f"the reward model saved in '{out}' reloads with other scores (max |Δ| {diff:.2e} > "
                              f"{tolerance:.2e}): its head or weights were not saved as trained")
     return {"sequences": len(sequences), "max_abs_diff": diff, "tolerance": tolerance}
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics)."""
+    metrics = m.get("metrics", {})
+    return {"held-out acc": metrics.get("accuracy"), "margin": metrics.get("margin"),
+            "length corr": metrics.get("length_correlation")}

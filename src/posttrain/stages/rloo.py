@@ -21,3 +21,6 @@ from posttrain.stages import online
 def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         resume: bool = False, overwrite: bool = False) -> Path:
     return online.run(cfg, "rloo", base=base, output=output, resume=resume, overwrite=overwrite)
+
+
+key_metrics = online.key_metrics  # the chain summary's numbers: score first → last, KL, steps

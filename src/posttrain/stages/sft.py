@@ -3,7 +3,8 @@
 Reads top to bottom:
  1. resolve paths and fail fast on what can be known before loading anything;
  2. tokenizer + chat template (checked), data (formatted and checked against the template);
- 3. model (full / LoRA / QLoRA) and the TRL SFTConfig (device defaults under the user's values);
+ 3. model (full / LoRA / QLoRA) and the TRL SFTConfig (device defaults under the user's values:
+    trainer_settings);
  4. train, with guards that stop loudly when nothing trains or the loss is NaN;
  5. save model/adapter, tokenizer with template, generation config, resolved config, metrics;
     re-open what was saved and check it; write posttrain.json last (the directory is finished).
@@ -14,8 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from posttrain import data, lineage, manifest, models
-from posttrain.config import Config, stage_output
+from posttrain import data, launch, lineage, manifest, models
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.stages import common
@@ -28,6 +29,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     continued from the SFT output, written as its own stage."""
     started, t0 = manifest.now(), time.time()
     sc = cfg.sft
+    check_stage(cfg, stage)
     out = stage_output(cfg, stage, output)
     source = common.resolve_base(base or cfg.model.name_or_path, allow_adapter=stage == "control")
     last_checkpoint = common.check_output(out, source, resume=resume, overwrite=overwrite)
@@ -47,12 +49,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     common.seed(cfg)
     model = models.load_causal_lm(cfg, source, sc.method, sc.lora, tok)
     trainable, total = models.trainable_parameters(model)
-    kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=eval_ds is not None, estimate=estimate)
-    kwargs["assistant_only_loss"] = sc.assistant_only_loss
-    if max_steps is not None:
-        kwargs["max_steps"] = max_steps
-    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
-    args = SFTConfig(**kwargs)
+    args = SFTConfig(**trainer_settings(cfg, out, has_eval=eval_ds is not None, estimate=estimate,
+                                        max_steps=max_steps))
     packed = args.packing or args.padding_free
     if packed:
         _warn_dense_packing(args, model)
@@ -127,10 +125,29 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     return out
 
 
+def trainer_settings(cfg: Config, out: Path, *, has_eval: bool, estimate=None, max_steps: int | None = None) -> dict:
+    """Everything SFT hands TRL's SFTConfig: common.trainer_kwargs (posttrain's defaults < device and
+    speed defaults < sft.training; `estimate`, from common.check_memory, decides activation
+    checkpointing) plus SFT's own: sft.assistant_only_loss, `max_steps` (the control stage's step
+    count) and the non-padding token count."""
+    kwargs = common.trainer_kwargs(cfg, "sft", out, has_eval=has_eval, estimate=estimate)
+    kwargs["assistant_only_loss"] = cfg.sft.assistant_only_loss
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    return kwargs
+
+
+def key_metrics(m: dict) -> dict:
+    """The chain summary's numbers for this stage (chain.key_metrics); the control's too."""
+    metrics = m.get("metrics", {})
+    return {"eval loss": metrics.get("eval_loss_after"), "steps": metrics.get("steps")}
+
+
 def _warn_dense_packing(args, model) -> None:
     """Packed rows without a varlen kernel: transformers masks the whole flattened batch densely."""
     impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in models.VARLEN_ATTENTION and common.trainer_is_main():
+    if impl not in models.VARLEN_ATTENTION and launch.is_main_process():
         tokens = args.per_device_train_batch_size * (args.max_length or 0)
         from posttrain.console import console
 
