@@ -596,8 +596,8 @@ def run_rollout(spec: dict, res: dict, cuda: bool) -> None:
         import posttrain  # noqa: F401
     except ImportError:
         sys.path.insert(0, str(ROOT / "src"))
-    from posttrain.config import PPOStageConfig
     from posttrain.rl import rollout
+    from posttrain.sections import PPOStageConfig
 
     pc = PPOStageConfig()
     device = "cuda" if cuda else "cpu"

@@ -568,7 +568,7 @@ def _arm(kind: str, stage: str, argv: list[str]) -> None:
 
 def lora_settings(cfg: dict, stage: str) -> dict:
     """The stage's lora: section with posttrain's defaults filled in (posttrain.config imports no torch)."""
-    from posttrain.config import LoraConfig
+    from posttrain.sections import LoraConfig
 
     return LoraConfig(**cfg[stage].get("lora", {})).model_dump()
 

@@ -9,7 +9,7 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 
 from posttrain import models
-from posttrain.config import LoraConfig
+from posttrain.sections import LoraConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from posttrain.config import DataConfig
 from posttrain.data import RowError, detect_shape, format_dataset, to_canonical
 from posttrain.errors import PosttrainError
+from posttrain.sections import DataConfig
 from tests.helpers import row_cases as _rows
 
 

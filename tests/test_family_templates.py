@@ -500,8 +500,8 @@ def test_gemma_chatml_error_names_gemma(gemma_raw):
 
 @pytest.mark.real
 def test_gemma_template_error_on_bad_roles_names_the_row(gemma, tmp_path):
-    from posttrain.config import DataConfig
     from posttrain.data import format_dataset
+    from posttrain.sections import DataConfig
 
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"messages": [U("a"), U("b"), A("c")]}) + "\n")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from posttrain import models
-from posttrain.config import LoraConfig
 from posttrain.errors import PosttrainError
+from posttrain.sections import LoraConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

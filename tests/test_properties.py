@@ -31,9 +31,10 @@ import yaml
 from hypothesis import HealthCheck, Phase, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from posttrain.config import DataConfig, load_config, validate_dict
+from posttrain.config import load_config, validate_dict
 from posttrain.data import ROLES, format_dataset, to_canonical
 from posttrain.errors import PosttrainError
+from posttrain.sections import DataConfig
 from tests.helpers import CONFIG_BASE as BASE
 from tests.helpers import config_like as _config_like
 from tests.helpers import row_cases as _rows
@@ -389,7 +390,7 @@ def test_format_dataset_arbitrary_bytes_gives_clean_error(write, kind, data, ext
 
 _NULL_SCRIPT = """
 import sys
-from posttrain.config import DataConfig
+from posttrain.sections import DataConfig
 from posttrain.data import format_dataset
 from posttrain.errors import PosttrainError
 try:

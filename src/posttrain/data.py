@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from posttrain.config import DataConfig, SourceConfig
 from posttrain.errors import PosttrainError
+from posttrain.sections import DataConfig, SourceConfig
 
 if TYPE_CHECKING:
     from posttrain import models

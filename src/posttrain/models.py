@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain import launch, templates
-from posttrain.config import Config, LoraConfig
+from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
+from posttrain.sections import LoraConfig
 
 log = logging.getLogger("posttrain")
 

@@ -264,7 +264,7 @@ def _ppo_loop(tiny_dir, make_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from posttrain import demo, models
-    from posttrain.config import PPOStageConfig
+    from posttrain.sections import PPOStageConfig
     from posttrain.stages import ppo
 
     cfg = make_config()

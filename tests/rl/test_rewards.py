@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reward_gate_without_a_recorded_accuracy(tmp_path, small_rm):
-    from posttrain.config import PPOStageConfig
     from posttrain.rl import rewards
+    from posttrain.sections import PPOStageConfig
 
     gate = PPOStageConfig()
     recorded = manifest.read(small_rm)["metrics"]["accuracy"]

@@ -31,10 +31,11 @@ import yaml
 from safetensors.torch import load_file
 
 from posttrain import demo, manifest
-from posttrain.config import PPOStageConfig, validate_dict
+from posttrain.config import validate_dict
 from posttrain.errors import PosttrainError
 from posttrain.rl import core as ppo_core
 from posttrain.rl import rollout
+from posttrain.sections import PPOStageConfig
 from posttrain.stages import merge, ppo, ppo_checks, ppo_models, reward, sft
 from tests.conftest import finished_checkpoints, tensorboard_scalars, weights_moved
 from tests.helpers import ppo_chain_raw as _raw

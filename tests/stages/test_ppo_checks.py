@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.config import PPOStageConfig
 from posttrain.errors import PosttrainError
+from posttrain.sections import PPOStageConfig
 from posttrain.stages import ppo_checks
 
 

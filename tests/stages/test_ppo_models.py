@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.config import PPOStageConfig
+from posttrain.sections import PPOStageConfig
 from posttrain.stages import ppo_models
 
 

@@ -29,7 +29,7 @@ def _ppo_loop(tiny_dir, make_config, tmp_path, **settings):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from posttrain import demo, models
-    from posttrain.config import PPOStageConfig
+    from posttrain.sections import PPOStageConfig
     from posttrain.stages import ppo
 
     cfg = make_config()
@@ -117,7 +117,7 @@ def _arg(call, index: int, name: str):
 
 
 def test_the_configured_settings_are_not_the_defaults():
-    from posttrain.config import PPOStageConfig
+    from posttrain.sections import PPOStageConfig
 
     defaults = PPOStageConfig()
     for k, v in SETTINGS.items():

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from posttrain import manifest, models, templates
-from posttrain.config import RewardGate
 from posttrain.console import console
 from posttrain.errors import PosttrainError
+from posttrain.sections import RewardGate
 
 
 def resolve_reward_model(path: str, stage: str) -> str:

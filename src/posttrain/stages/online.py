@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import lineage, manifest, models, registry
-from posttrain.config import Config, OnlineStageConfig, check_stage, stage_output
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.rl.prompts import prompt_data
+from posttrain.sections import OnlineStageConfig
 from posttrain.stages import common
 
 

@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 
 from posttrain import data, disk, launch, lineage, manifest, models
-from posttrain.config import Config, PPOStageConfig, check_stage, stage_output
+from posttrain.config import Config, check_stage, stage_output
 from posttrain.console import console, fmt, peak_memory_mb, summary
 from posttrain.errors import PosttrainError
 from posttrain.rl import rewards
 from posttrain.rl.prompts import prompt_data
+from posttrain.sections import PPOStageConfig
 from posttrain.stages import checkpoints, common, ppo_checks, ppo_models
 
 SAMPLES_SHOWN = 2

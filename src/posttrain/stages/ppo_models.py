@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 
 from posttrain import models
-from posttrain.config import Config, PPOStageConfig
+from posttrain.config import Config
 from posttrain.rl import rewards
+from posttrain.sections import PPOStageConfig
 
 REFERENCE_ADAPTER = "reference"
 
