@@ -168,6 +168,7 @@ def own_data(demo_data, tmp_path):
         shutil.copy(demo_data / name, d / name)
     return d
 
+
 def weights_moved(start_dir, out_dir) -> tuple[float, float]:
     """Share of the matrix weights in out_dir/model.safetensors that moved from start_dir's (the start
     as the run stores it: rounded to the saved dtype), and their mean |Δw|."""

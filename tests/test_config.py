@@ -581,7 +581,7 @@ def test_stage_checks_name_the_line_and_run_for_a_stage_outside_the_chain(tmp_pa
     with pytest.raises(PosttrainError, match="dpo.data names dataset 'prefs'"):  # the stage runs the check first
         dpo.run(cfg, output=str(tmp_path / "dpo"))
     with pytest.raises(PosttrainError, match=rf"c.yaml:{line + 2}: reward.data names dataset 'zzzz'.*"
-                       "add a data.zzzz section of kind preference"):
+                       r"add a data.zzzz section \(of kind preference\)"):
         reward.run(cfg, output=str(tmp_path / "reward"))
     check_stage(cfg, "sft")  # sft's dataset is there and of its kind: no error
     assert not (tmp_path / "dpo").exists() and not (tmp_path / "reward").exists()

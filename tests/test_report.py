@@ -78,3 +78,16 @@ def test_the_verdict_opens_with_each_stage_against_its_parent_and_the_control():
         ["ppo", "sft", "exact +5.0 pt, reward +1", "0.1", "21 s", "exact -5.0 pt, reward +1.5"],
     ]
     assert verdict_blocks({**ev, "models": ev["models"][:1]}, stages) == []  # only the base: no verdict
+
+
+def test_curves_come_from_the_stage_table_and_an_unknown_stage_has_none(tmp_path):
+    """report plots the keys the stage's registry record names; a chain record of a stage this
+    version does not know (an older or newer posttrain wrote it) gets no curves, not a traceback."""
+    for stage in ("sft", "not-a-stage"):
+        d = tmp_path / stage
+        d.mkdir()
+        (d / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
+    blocks = report.curve_blocks([{"stage": "not-a-stage", "path": str(tmp_path / "not-a-stage")}], tmp_path)
+    assert blocks == []
+    blocks = report.curve_blocks([{"stage": "sft", "path": str(tmp_path / "sft")}], tmp_path)
+    assert [kind for kind, _ in blocks] == ["h2", "image"] and blocks[1][1].path.is_file()

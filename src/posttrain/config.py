@@ -121,8 +121,9 @@ class Config(Strict):
     _source_dir: str | None = PrivateAttr(None)
     # The file and --set overrides it was read from: what a launched process reads again.
     _source: tuple[str | None, tuple[str, ...]] = PrivateAttr((None, ()))
-    # Where each key was set (config._where): stage checks after loading report file:line too.
-    _where: str = PrivateAttr("config")
+    # The file (or "config") and the line of each key in it (config._where): check_stage's errors
+    # after loading name file:line too.
+    _origin: str = PrivateAttr("config")
     _lines: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("stages")
@@ -270,7 +271,7 @@ def validate_dict(raw: dict, where: str = "config", lines: dict[tuple, int] | No
     except RecursionError:
         raise PosttrainError("the config is nested too deeply (or refers to itself through a YAML anchor)",
                              where=where, fix="flatten it; no posttrain setting nests more than a few levels") from None
-    cfg._where, cfg._lines = where, lines
+    cfg._origin, cfg._lines = where, lines
     _check_datasets(cfg)
     for stage, cls_name in TRAINING_SECTIONS.items():
         _check_training(getattr(cfg, stage).training, cls_name, (stage, "training"), where, lines)
@@ -315,12 +316,12 @@ def _check_datasets(cfg: Config) -> None:
 def _check_dataset(cfg: Config, key: str, kind: str, needs: str) -> None:
     section, field = key.split(".")
     name = getattr(getattr(cfg, section), field)
-    at = _where(cfg._where, cfg._lines, (section, field))
+    at = _where(cfg._origin, cfg._lines, (section, field))
     if name not in cfg.data:
         near = did_you_mean(name, cfg.data)
+        what = "sft or preference: its prompts are sampled" if kind == "any" else f"of kind {kind}"
         raise PosttrainError(f"{key} names dataset '{name}', which is not under data:", where=at,
-                             fix=f"did you mean '{near}'?" if near else f"add a data.{name} section"
-                             + ("" if kind == "any" else f" of kind {kind}"))
+                             fix=f"did you mean '{near}'?" if near else f"add a data.{name} section ({what})")
     if kind != "any" and cfg.data[name].kind != kind:
         raise PosttrainError(f"{key} '{name}' has kind '{cfg.data[name].kind}', but {needs} needs kind '{kind}'",
                              where=at)

@@ -21,6 +21,8 @@ from posttrain import manifest, registry
 
 CHAIN = "posttrain-chain.json"
 FIGURES = "report"
+
+
 @dataclass
 class Table:
     header: list[str]
@@ -222,7 +224,8 @@ def lm_eval_table(models: list[dict]) -> Table:
 def curve_blocks(stages: list[dict], figures: Path) -> list[Block]:
     blocks: list[Block] = []
     for r in stages:
-        curves = _curves(Path(r["path"]) / "metrics.jsonl", registry.STAGES[r["stage"]].curves)
+        stage = registry.STAGES.get(r["stage"])  # a stage this version does not know: no curves
+        curves = _curves(Path(r["path"]) / "metrics.jsonl", stage.curves if stage else ())
         if curves:
             if not blocks:
                 blocks.append(("h2", "Training curves"))
