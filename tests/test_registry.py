@@ -17,6 +17,7 @@ import typer
 from posttrain import chain, config, lineage, memory, registry
 from posttrain.cli import app
 from posttrain.errors import PosttrainError
+from posttrain.stages import common
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "posttrain"
@@ -154,8 +155,8 @@ MANIFESTS = {
 @pytest.mark.parametrize("stage", registry.NAMES)
 def test_key_metrics_per_stage(stage):
     m, want = MANIFESTS[stage]
-    assert chain.key_metrics({"stage": stage, **m}) == want
-    assert chain.key_metrics({"stage": "not-a-stage", **m}) == {}
+    assert common.key_metrics({"stage": stage, **m}) == want
+    assert common.key_metrics({"stage": "not-a-stage", **m}) == {}
 
 
 # ---------------------------------------------------------------------------------------------

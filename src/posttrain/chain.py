@@ -51,6 +51,8 @@ def plan(cfg: Config) -> list[Step]:
 def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, launch_plan: dict | None = None,
         debug: bool = False) -> dict:
     """`launch_plan` (posttrain.launch.plan): run the training stages in several processes."""
+    from posttrain.stages import common
+
     steps = plan(cfg)
     if from_stage is not None and from_stage not in cfg.stages:
         raise PosttrainError(f"--from '{from_stage}' is not one of this config's stages ({', '.join(cfg.stages)})")
@@ -74,7 +76,7 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, la
         entry = {"stage": step.stage, "path": str(step.output), "parent": step.parent,
                  "status": "up to date" if status == "up to date" else "resumed" if status == "resuming" else "ran",
                  "inputs_key": m.get("inputs_key"), "seconds": round(time.time() - s0, 1),
-                 "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "metrics": key_metrics(m)}
+                 "peak_rss_mb": peak.rss_mb, "peak_cuda_mb": peak.cuda_mb, "metrics": common.key_metrics(m)}
         if launch_plan is not None and registry.STAGES[step.stage].launched and status != "up to date":
             # it ran in other processes: the peak its main process recorded (CUDA on a GPU, else RSS)
             import torch
@@ -142,14 +144,6 @@ def _run_stage(cfg: Config, step: Step, *, resume: bool, launch_plan: dict | Non
         return
     module = importlib.import_module(registry.STAGES[step.stage].module)
     module.run(cfg, base=step.parent, output=str(step.output), resume=resume, overwrite=True)
-
-
-def key_metrics(m: dict) -> dict:
-    """The few numbers per stage worth a line in the chain summary: its stage module's key_metrics."""
-    import importlib
-
-    stage = registry.STAGES.get(m.get("stage"))
-    return importlib.import_module(stage.module).key_metrics(m) if stage else {}
 
 
 def dry(cfg: Config, steps: list[Step], from_stage: str | None = None) -> dict:

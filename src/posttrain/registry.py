@@ -45,6 +45,11 @@ class Stage:
         return self.role == "policy"
 
     @property
+    def model(self) -> bool:
+        """Its output is a model one loads (every stage but format's data and eval's results)."""
+        return self.role not in ("data", "eval")
+
+    @property
     def compared(self) -> bool:
         """Its output is a model the eval stage compares (the reward model is a judge, not a row)."""
         return self.role in ("policy", "merge", "control")

@@ -157,6 +157,29 @@ def test_report_has_every_stage_valid_pngs_and_nothing_from_the_network(chain):
     assert "Sample generations" in md and md.count("Prompt: What is") == 2
 
 
+def test_every_stage_has_a_model_card_and_the_models_carry_their_eval_rows(chain):
+    """Issue 18: README.md in the Hugging Face format in every finished stage directory; after eval,
+    each compared model's card holds its row beside the base model's (and its parent's)."""
+    from posttrain import card
+
+    _, out = chain
+    fronts = {}
+    for stage in STAGES:
+        text = (out / stage / "README.md").read_text()
+        fronts[stage] = card.read_front_matter(text)
+        assert fronts[stage]["tags"][0] == "posttrain" and stage in fronts[stage]["tags"], stage
+        if stage in ("sft", "dpo", "merge", "control"):
+            table = text.split("## Evaluation")[1].split("\n## ")[0]
+            rows = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| ")][1:]
+            parent = by_label(out / "eval")[stage]["parent"]
+            assert rows == list(dict.fromkeys(["base", parent, stage])), (stage, rows)
+        else:
+            assert "## Evaluation" not in text, stage
+    assert fronts["dpo"]["library_name"] == "peft" and fronts["dpo"]["base_model"].endswith("sft")
+    assert fronts["merge"]["library_name"] == "transformers" and "reward-model" in fronts["reward"]["tags"]
+    assert fronts["sft"]["datasets"] and all("@" in d for d in fronts["sft"]["datasets"])
+
+
 def test_eval_twice_gives_identical_numbers(chain, tmp_path):
     cfg, out = chain
     runs = []

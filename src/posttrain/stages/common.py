@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from posttrain import card, launch, lineage, manifest, models, registry, templates
 from posttrain import config as config_mod
-from posttrain import launch, lineage, manifest, models, registry, templates
 from posttrain.config import Config
 from posttrain.console import console
 from posttrain.errors import PosttrainError
@@ -266,7 +266,7 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
     Written last: from here on the directory is a finished stage."""
     import torch
 
-    manifest.write(out, {
+    m = {
         "stage": stage,
         **fields,
         **({"checkpoints": checkpoints.checkpoints_record(out)} if (out / checkpoints.CHECKPOINTS).is_dir() else {}),
@@ -281,7 +281,18 @@ def write_manifest(out: Path, stage: str, cfg: Config, tok: models.TokenizerInfo
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "started": started,
         "finished": manifest.now(),
-    })
+    }
+    card.write(out, m, key_metrics(m))  # before the manifest: the card alone does not finish the stage
+    manifest.write(out, m)
+
+
+def key_metrics(m: dict) -> dict:
+    """The few numbers of a stage's manifest worth a line (the chain summary, the model card): its
+    stage module's key_metrics."""
+    import importlib
+
+    stage = registry.STAGES.get(m.get("stage"))
+    return importlib.import_module(stage.module).key_metrics(m) if stage else {}
 
 
 def adapter_base_of(source: str, method: str) -> str | None:

@@ -145,6 +145,7 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     with (out / GENERATIONS).open("w") as f:
         for g in generations:
             f.write(json.dumps(g, default=_json_default) + "\n")
+    update_cards(results)
     common.write_manifest(
         out, "eval", cfg, tok, parent=None, key=key, started=started, settings=settings,
         models=[{"label": lbl, **(lineage.parent_record(p) or {})} for lbl, p in targets],
@@ -153,6 +154,21 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None, resu
     _print_summary(results, ec, out)
     common.finished(out)
     return out
+
+
+def update_cards(results: list[dict]) -> None:
+    """Each compared model that is a finished posttrain stage gets its rows of the eval table in its
+    model card: the base model's, its parent's (when compared) and its own."""
+    from posttrain import card
+
+    by_label = {r["label"]: r for r in results}
+    for r in results:
+        m = manifest.read(r["path"]) if Path(r["path"]).is_dir() else None
+        if m is None or r["label"] == "base":
+            continue
+        rows = [by_label[x] for x in dict.fromkeys(("base", r.get("parent"))) if x in by_label and x != r["label"]]
+        card.write(r["path"], m, common.key_metrics(m),
+                   [{"label": x["label"], "metrics": card.eval_metrics(x)} for x in [*rows, r]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain import lineage, manifest, models
+from posttrain import card, lineage, manifest, models
 from posttrain.config import Config, stage_output, to_dict
 from posttrain.console import console, summary
 from posttrain.data import format_and_check
@@ -45,7 +45,7 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
             "files": f.files,
             "checks": stats,
         }
-    manifest.write(out, {
+    m = {
         "stage": "format",
         "parent": None,
         "inputs_key": lineage.stage_key(cfg, "format", None),
@@ -57,7 +57,9 @@ def run(cfg: Config, *, output: str | None = None, overwrite: bool = False) -> P
         "versions": manifest.versions(),
         "git_commit": manifest.git_commit(),
         "finished": manifest.now(),
-    })
+    }
+    card.write(out, m, key_metrics(m))  # before the manifest: the card alone does not finish the stage
+    manifest.write(out, m)
     for name, r in record.items():
         roles = r["checks"]["roles"]
         summary(f"format: data.{name}", {
