@@ -99,6 +99,11 @@ def run(cfg: Config, *, from_stage: str | None = None, dry_run: bool = False, la
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(path)
     md, html = report.write(cfg.output_dir)
+    if cfg.push.repo_id is not None:  # the last step: the chain's model to the Hub
+        from posttrain import hub
+
+        hub.push(Path(cfg.output_dir) / cfg.push_stage(), cfg.push.repo_id, private=cfg.push.private,
+                 revision=cfg.push.revision)
     summary(f"chain: {' → '.join(cfg.stages)}", {
         r["stage"]: f"{r['status']} ({r['seconds']:.0f} s)  {r['path']}  "
         + "  ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())

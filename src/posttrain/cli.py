@@ -279,6 +279,21 @@ def preview(config: Annotated[Path, typer.Argument(help="YAML config.")],
 
 @app.command()
 @user_errors
+def push(directory: Annotated[Path, typer.Argument(help="A finished model stage (its output directory).")],
+         repo_id: Annotated[str, typer.Argument(help="The Hub repo to upload to, e.g. you/smollm2-dpo.")],
+         private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+         revision: Annotated[str | None, typer.Option(
+             "--revision", help="The branch to upload to (created if missing) [default: main].")] = None) -> None:
+    """Upload a finished stage to the Hugging Face Hub: weights, tokenizer, chat template, generation
+    config, model card and manifest (never checkpoints or optimizer states). The token comes from
+    HF_TOKEN or `hf auth login`; posttrain writes it nowhere."""
+    from posttrain import hub
+
+    typer.echo(hub.push(directory, repo_id, private=private, revision=revision))
+
+
+@app.command()
+@user_errors
 def convert(file: Annotated[Path, typer.Argument(help="A .gguf file (llama.cpp, Ollama).")],
             output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the model directory "
                                                         "(default: the conversion cache, "

@@ -44,6 +44,7 @@ from posttrain.sections import (
     ModelConfig,
     OnlineStageConfig,
     PPOStageConfig,
+    PushConfig,
     RewardStageConfig,
     SFTStageConfig,
     Strict,
@@ -87,6 +88,9 @@ class Config(Strict):
     )
     launch: LaunchConfig = Field(
         default_factory=LaunchConfig, description="How many processes each training stage runs in."
+    )
+    push: PushConfig = Field(
+        default_factory=PushConfig, description="Upload a finished stage to the Hub at the end of `posttrain run`."
     )
     format: FormatStageConfig = Field(
         default_factory=FormatStageConfig, description="`posttrain format`: datasets converted and checked."
@@ -147,6 +151,14 @@ class Config(Strict):
             if stage in self.stages else []
         return before[-1] if before else None
 
+    def push_stage(self) -> str | None:
+        """The stage `posttrain run` uploads when push.repo_id is set: push.stage, else the last
+        policy or merge stage of the chain (None: there is none)."""
+        if self.push.stage is not None:
+            return self.push.stage
+        shipped = [s for s in self.stages if registry.STAGES[s].role in ("policy", "merge")]
+        return shipped[-1] if shipped else None
+
     def _check_methods_across_stages(self) -> None:
         """Method combinations of adjacent stages that cannot work, refused before anything trains.
 
@@ -187,6 +199,11 @@ class Config(Strict):
         if "control" in self.stages and "sft" not in self.stages:
             raise ValueError("stages has control (SFT continued from the sft stage's output), but no sft stage")
         self._check_methods_across_stages()
+        if self.push.repo_id is not None:
+            stage = self.push_stage()
+            if stage is None or stage not in self.stages or not registry.STAGES[stage].model:
+                raise ValueError(f"push.repo_id is set, but push.stage '{stage}' is not a model stage of stages: "
+                                 "(set push.stage to one, or put a training or merge stage in stages)")
         return self
 
 

@@ -437,3 +437,14 @@ class LaunchConfig(Strict):
         "sharded), zero2 / zero3 (DeepSpeed ZeRO, needs deepspeed).")
     config_file: str | None = Field(None, description="An accelerate config of your own instead of the one "
                                     "posttrain ships for `distributed` (configs/accelerate/).")
+
+
+class PushConfig(Strict):
+    """The chain's last step: upload a finished stage to the Hugging Face Hub (`posttrain push`)."""
+
+    repo_id: str | None = Field(None, description="The Hub repo `posttrain run` uploads to after the report; "
+                                "unset: no upload.")
+    stage: str | None = Field(None, description="Which stage's output to upload; default: the chain's last policy "
+                              "or merge stage.")
+    private: bool = Field(False, description="Create the repo private.")
+    revision: str | None = Field(None, description="The branch to upload to (created if missing); default main.")
