@@ -385,7 +385,7 @@ def test_reward_data_of_kind_sft_is_refused(tiny_dir, demo_data, tmp_path):
 def test_reward_data_naming_no_dataset_is_refused(tiny_dir, demo_data, sft_dir, tmp_path, monkeypatch):
     cfg = validate_dict(_raw(tiny_dir, demo_data, tmp_path, stages=[], reward={"data": "pairs"}))
     _no_weights_loading(monkeypatch)
-    with pytest.raises(PosttrainError, match=r"reward\.data names dataset 'pairs'.*kind: preference"):
+    with pytest.raises(PosttrainError, match=r"reward\.data names dataset 'pairs'.*\(of kind preference\)"):
         reward.run(cfg, base=str(sft_dir), output=str(tmp_path / "reward"))
     assert not (tmp_path / "reward").exists()
 
