@@ -34,6 +34,7 @@ class Stage:
     liger: bool = False  # Liger's fused kernels on CUDA when installed (TRL trainers whose loss Liger fuses)
     preview: bool = False  # `posttrain preview --stage` shows its rendered data and loss mask
     curves: tuple[str, ...] = ()  # logged keys the report plots, where the stage logged them
+    color: str | None = None  # its bars and curves in the report (a model stage)
 
     @property
     def module(self) -> str:
@@ -60,25 +61,27 @@ _TABLE = (
           "data", "format"),
     Stage("sft", "Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer.", "policy", "sft",
           data="sft", trl_config="SFTConfig", launched=True, best="eval_loss", liger=True, preview=True,
-          curves=("loss", "eval_loss")),
+          curves=("loss", "eval_loss"), color="#1f77b4"),
     Stage("reward", "Reward model (a one-output sequence classifier) on preference pairs with TRL's RewardTrainer.",
           "reward", "reward", data="preference", trl_config="RewardConfig", launched=True, best="eval_loss",
-          liger=True, curves=("loss", "accuracy", "eval_accuracy")),
+          liger=True, curves=("loss", "accuracy", "eval_accuracy"), color="#8c564b"),
     Stage("ppo", "PPO against the reward model with a KL penalty to the starting policy (posttrain's own PPO).",
           "policy", "ppo", data="any", launched=True, rl=True, best="reward",
-          curves=("score", "kl", "ptx_loss", "response_length")),
+          curves=("score", "kl", "ptx_loss", "response_length"), color="#d62728"),
     Stage("rloo", "RLOO with TRL's RLOOTrainer; rewards from reward models and/or Python functions.", "policy", "rloo",
-          data="any", trl_config="RLOOConfig", launched=True, rl=True, curves=("reward", "kl", "loss")),
+          data="any", trl_config="RLOOConfig", launched=True, rl=True, curves=("reward", "kl", "loss"),
+          color="#e377c2"),
     Stage("grpo", "GRPO with TRL's GRPOTrainer; rewards from reward models and/or Python functions.", "policy", "grpo",
-          data="any", trl_config="GRPOConfig", launched=True, rl=True, curves=("reward", "kl", "loss")),
+          data="any", trl_config="GRPOConfig", launched=True, rl=True, curves=("reward", "kl", "loss"),
+          color="#ff7f0e"),
     Stage("dpo", "Preference alignment (DPO and its variants) with TRL's DPOTrainer.", "policy", "dpo",
           data="preference", trl_config="DPOConfig", launched=True, best="eval_loss", liger=True, preview=True,
-          curves=("loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies")),
+          curves=("loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"), color="#2ca02c"),
     Stage("merge", "Merge a LoRA adapter into its base (full precision) and check the result against the adapter.",
-          "merge", "merge"),
+          "merge", "merge", color="#17becf"),
     Stage("control", "The report's control row: the SFT model trained on with SFT for the compute of the later "
           "stages.", "control", "sft", data="sft", trl_config="SFTConfig", launched=True, best="eval_loss", liger=True,
-          curves=("loss", "eval_loss")),
+          curves=("loss", "eval_loss"), color="#7f7f7f"),
     Stage("eval", "Evaluate models on the same held-out data with the same recorded settings (eval.json), then "
           "rewrite the report of the config's output directory.", "eval", "eval"),
 )

@@ -355,12 +355,12 @@ def reward_hist(models: list[dict], settings: dict, figures: Path) -> Image | No
     return Image(path, "reward-model scores of each model's generations, per decoding")
 
 
-_PALETTE = {"base": "#9e9e9e", "sft": "#1f77b4", "control": "#7f7f7f", "reward": "#8c564b", "ppo": "#d62728",
-            "rloo": "#e377c2", "grpo": "#ff7f0e", "dpo": "#2ca02c", "merge": "#17becf"}
+BASE_COLOR, OTHER_COLOR = "#9e9e9e", "#bcbd22"  # the base model; a model that is no stage of the table
 
 
 def _color(label: str) -> str:
-    return _PALETTE.get(label, "#bcbd22")
+    stage = registry.STAGES.get(label)
+    return BASE_COLOR if label == "base" else stage.color if stage and stage.color else OTHER_COLOR
 
 
 # ---------------------------------------------------------------------------------------------
