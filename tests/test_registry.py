@@ -111,10 +111,11 @@ def _cfg(stages: list[str]) -> config.Config:
 
 
 def test_chain_plan_follows_policy_and_merge_outputs():
-    cfg = _cfg(["format", "sft", "reward", "ppo", "dpo", "merge", "control", "eval"])
+    cfg = _cfg(["format", "sft", "reward", "ppo", "dpo", "merge", "control", "eval", "export"])
     parents = {s.stage: s.parent for s in chain.plan(cfg)}
     assert parents == {"format": None, "sft": "base", "reward": "out/sft", "ppo": "out/sft", "dpo": "out/ppo",
-                       "merge": "out/dpo", "control": "out/sft", "eval": None}
+                       "merge": "out/dpo", "control": "out/sft", "eval": None, "export": "out/merge"}
+    assert cfg.model_stage_before("export") == "merge" and cfg.model_stage_before("merge") == "dpo"
     assert cfg.starts_from("merge") == "dpo" and cfg.starts_from("reward") == "sft" and cfg.starts_from("sft") is None
 
 
@@ -150,6 +151,8 @@ MANIFESTS = {
     "merge": ({"checks": {"parity": {"max_abs_diff": 1e-4}, "reload": {"stopped": "2/3"}}},
               {"parity Δ": 1e-4, "stops": "2/3"}),
     "eval": ({"models": [1, 2, 3], "settings": {"prompts": 8}}, {"models": 3, "prompts": 8}),
+    "export": ({"type": "q8_0", "checks": {"round_trip": {"relative_diff": 0.02, "same_answers": 3}}},
+               {"type": "q8_0", "round-trip Δ": 0.02, "same answers": 3}),
 }
 
 

@@ -43,9 +43,10 @@ def render(directory: Path, m: dict, key_metrics: dict, evaluation: list[dict] |
     cfg = m.get("config") or {}
     adapter = (directory / "adapter_config.json").is_file()
     front = {k: v for k, v in {
-        "base_model": _base_model(m, cfg, adapter) if record and record.model else None,
+        "base_model": _base_model(m, cfg, adapter) if record and (record.model or record.role == "export") else None,
         "datasets": _datasets(m) or None,
-        "library_name": None if not (record and record.model) else "peft" if adapter else "transformers",
+        "library_name": "gguf" if stage == "export" else None if not (record and record.model)
+        else "peft" if adapter else "transformers",
         "license": _parent_license(m),
         "pipeline_tag": "text-generation" if record and record.compared else None,
         "tags": _tags(stage, record, m),
@@ -67,6 +68,8 @@ def render(directory: Path, m: dict, key_metrics: dict, evaluation: list[dict] |
         lines += _evaluation(evaluation) + [""]
     if record and record.model:
         lines += _how_to_load(directory.name, record.role, adapter, m) + [""]
+    elif stage == "export":
+        lines += _how_to_run(m) + [""]
     lines += _limits(stage, m) + [""]
     versions = m.get("versions") or {}
     made = ", ".join(f"{k} {versions[k]}" for k in ("posttrain", "trl", "transformers", "peft") if k in versions)
@@ -121,6 +124,8 @@ def _tags(stage: str, record, m: dict) -> list[str]:
         tags.append(method)
     if stage == "reward":
         tags.append("reward-model")
+    if stage == "export":
+        tags += ["gguf", str(m.get("type"))]
     return tags
 
 
@@ -203,6 +208,25 @@ def _how_to_load(name: str, role: str, adapter: bool, m: dict) -> list[str]:
             "", "The chat template the model was trained with is the tokenizer's (`chat_template.jinja`); "
             + (f"generation stops at its end-of-turn token (id {eot}, in generation_config.json)." if eot is not None
                else "render conversations with it.")]
+
+
+def _how_to_run(m: dict) -> list[str]:
+    """An exported file: llama.cpp, Ollama (the Modelfile beside it), llama-cpp-python."""
+    file = (m.get("file") or {}).get("file", "<file>.gguf")
+    trip = (m.get("checks") or {}).get("round_trip") or {}
+    lines = ["## How to run", "", "llama.cpp (the chat template and end-of-turn token are in the file):", "",
+             "```sh", f"llama-cli -m {file} -cnv", f"llama-server -m {file}   # OpenAI-compatible server", "```", "",
+             "Ollama (the Modelfile beside the file holds the template in Ollama's syntax and the stop tokens):", "",
+             "```sh", "ollama create my-model -f Modelfile", "ollama run my-model", "```", "",
+             "Python (llama-cpp-python):", "", "```python", "from llama_cpp import Llama",
+             f"llm = Llama(model_path=\"{file}\")",
+             "print(llm.create_chat_completion([{\"role\": \"user\", \"content\": \"Hello!\"}]))", "```"]
+    if trip:
+        lines += ["", f"Checked when exported: read back with transformers, its logits are within "
+                  f"{trip.get('relative_diff', 0):.2e} of the source model's logit scale (tolerance "
+                  f"{trip.get('tolerance')}), and {trip.get('same_answers')} of {trip.get('probes')} greedy answers "
+                  "to the probe prompts are the same."]
+    return lines
 
 
 def _generate_lines() -> str:

@@ -192,6 +192,26 @@ def merge(config: ConfigArg = None,
     stage.run(cfg, base=base, output=output, overwrite=overwrite)
 
 
+@app.command(help=registry.STAGES["export"].help)
+@user_errors
+def export(directory: Annotated[str | None, typer.Argument(
+               help="The finished stage (or model directory) to export; default: the model the config's chain "
+               "makes before export.")] = None,
+           config: Annotated[Path | None, typer.Option(
+               "--config", "-c", help="YAML config (default: the one recorded in DIRECTORY's posttrain.json).")] = None,
+           format_: Annotated[str | None, typer.Option(
+               "--format", help="The file format (export.format): gguf.")] = None,
+           type_: Annotated[str | None, typer.Option(
+               "--type", help="The tensor type (export.type): f16, bf16 or q8_0 [default: q8_0].")] = None,
+           output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
+    given = [f"export.format={format_}"] * (format_ is not None) + [f"export.type={type_}"] * (type_ is not None)
+    cfg = _load(config, [*given, *(set_ or [])], directory)
+    _quiet_libraries()
+    from posttrain.stages import export as stage
+
+    stage.run(cfg, base=directory, output=output, overwrite=overwrite)
+
+
 @app.command("eval", help=registry.STAGES["eval"].help)
 @user_errors
 def eval_cmd(config: ConfigArg = None,

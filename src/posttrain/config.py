@@ -38,6 +38,7 @@ from posttrain.sections import (
     DataConfig,
     DPOStageConfig,
     EvalStageConfig,
+    ExportStageConfig,
     FormatStageConfig,
     LaunchConfig,
     MergeStageConfig,
@@ -120,6 +121,10 @@ class Config(Strict):
     eval: EvalStageConfig = Field(
         default_factory=EvalStageConfig, description="`posttrain eval`: every model on the same held-out data."
     )
+    export: ExportStageConfig = Field(
+        default_factory=ExportStageConfig, description="`posttrain export`: the chain's model as a GGUF file for "
+        "llama.cpp and Ollama, with a Modelfile and a round-trip check."
+    )
     # The directory of the YAML file: reward functions (`module:function`) are imported from there
     # or from installed packages, nowhere else.
     _source_dir: str | None = PrivateAttr(None)
@@ -154,9 +159,13 @@ class Config(Strict):
     def push_stage(self) -> str | None:
         """The stage `posttrain run` uploads when push.repo_id is set: push.stage, else the last
         policy or merge stage of the chain (None: there is none)."""
-        if self.push.stage is not None:
-            return self.push.stage
-        shipped = [s for s in self.stages if registry.STAGES[s].role in ("policy", "merge")]
+        return self.push.stage if self.push.stage is not None else self.model_stage_before(None)
+
+    def model_stage_before(self, stage: str | None) -> str | None:
+        """The last policy or merge stage before `stage` (None: the whole chain): the model the chain
+        has made by then, what export writes and push uploads (None: there is none)."""
+        stages = self.stages[: self.stages.index(stage)] if stage in self.stages else self.stages
+        shipped = [s for s in stages if registry.STAGES[s].role in ("policy", "merge")]
         return shipped[-1] if shipped else None
 
     def _check_methods_across_stages(self) -> None:
@@ -167,7 +176,8 @@ class Config(Strict):
         all do, so every method works after every method, except:
           - dpo.reference adapter_disabled on an adapter: DPO continues the adapter, and disabling it
             would make the model under it (the pre-SFT base) the reference;
-          - merge needs an adapter: the stage it merges must be lora/qlora.
+          - merge needs an adapter: the stage it merges must be lora/qlora;
+          - export needs a full model: after a lora/qlora stage, merge comes first.
         """
         start = self.starts_from("dpo")
         if self.dpo.reference == "adapter_disabled" and start and getattr(self, start).method != "full":
@@ -183,6 +193,11 @@ class Config(Strict):
             if getattr(self, start).method == "full":
                 raise ValueError(f"stages has merge after {start}, whose method is full: there is no adapter "
                                  f"to merge (drop merge from stages, or set {start}.method: lora)")
+        exported = self.model_stage_before("export") if "export" in self.stages else None
+        if exported and registry.STAGES[exported].policy and getattr(self, exported).method != "full":
+            raise ValueError(f"stages has export after {exported}, whose output is a LoRA adapter "
+                             f"({exported}.method {getattr(self, exported).method}); a GGUF file holds a full model "
+                             f"(put merge before export, or set {exported}.method: full)")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

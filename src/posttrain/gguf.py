@@ -72,21 +72,10 @@ def describe(path: str | os.PathLike) -> dict:
     import gguf
 
     p = _check_file(path)
-    try:
-        reader = gguf.GGUFReader(str(p))
-    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged or unsupported file
-        raise PosttrainError(f"could not read GGUF file '{path}': "
-                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                             fix="check the file is complete (compare its SHA-256 with the publisher's)") from None
+    reader = _reader(p)
 
     def field(name):
-        f = reader.fields.get(name)
-        if f is None or not f.data:
-            return None
-        value = f.parts[f.data[0]]
-        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(value).decode("utf-8", "replace")
-        return value.tolist()[0] if hasattr(value, "tolist") else value
+        return _field(reader, name)
 
     file_type = field("general.file_type")
     try:
@@ -104,6 +93,47 @@ def describe(path: str | os.PathLike) -> dict:
         "tensor_types": dict(sorted(tensor_types.items())),
         "has_chat_template": "tokenizer.chat_template" in reader.fields,
     }
+
+
+def tokenizer_metadata(path: str | os.PathLike) -> dict:
+    """What a runtime reads to chat with the file: the tokenizer kind, vocabulary size, the
+    special token ids (bos, eos, end-of-turn, pad) with their text, and the chat template."""
+    reader = _reader(_check_file(path))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n = len(tokens.data) if tokens is not None else 0
+
+    def token(key):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        text = bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace") if i is not None and i < n else None
+        return {"id": i, "text": text} if i is not None else None
+
+    return {"model": _field(reader, "tokenizer.ggml.model"), "pre": _field(reader, "tokenizer.ggml.pre"),
+            "tokens": n, **{k: token(k) for k in ("bos", "eos", "eot", "padding")},
+            "chat_template": _field(reader, "tokenizer.chat_template")}
+
+
+def _reader(p: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(p))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged or unsupported file
+        raise PosttrainError(f"could not read GGUF file '{p}': "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                             fix="check the file is complete (compare its SHA-256 with the publisher's)") from None
+
+
+def _field(reader, name: str):
+    """One metadata value of a GGUFReader: a string, a number, or None when absent."""
+    import gguf
+
+    f = reader.fields.get(name)
+    if f is None or not f.data:
+        return None
+    value = f.parts[f.data[0]]
+    if f.types and f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(value).decode("utf-8", "replace")
+    return value.tolist()[0] if hasattr(value, "tolist") else value
 
 
 def converted_dir(path: str | os.PathLike) -> Path:

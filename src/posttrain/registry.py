@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Role = Literal["data", "policy", "reward", "merge", "control", "eval"]
+Role = Literal["data", "policy", "reward", "merge", "control", "eval", "export"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Stage:
     help: str  # the command's help line
     # data: format writes the formatted datasets; policy: trains the model the next stage starts from;
     # reward: trains a judge beside the policy; merge: folds an adapter into its base (its output is
-    # the next stage's start); control: more SFT, the report's control row; eval: compares models
+    # the next stage's start); control: more SFT, the report's control row; eval: compares models;
+    # export: writes the chain's model as a file for other runtimes (its output is not a model directory)
     role: Role
     section: str  # the config section holding its method, training: and data: (control: sft's)
     data: Literal["sft", "preference", "any"] | None = None  # the kind of dataset section.data must name
@@ -47,8 +48,9 @@ class Stage:
 
     @property
     def model(self) -> bool:
-        """Its output is a model one loads (every stage but format's data and eval's results)."""
-        return self.role not in ("data", "eval")
+        """Its output is a model directory one loads (every stage but format's data, eval's results and
+        export's file)."""
+        return self.role not in ("data", "eval", "export")
 
     @property
     def compared(self) -> bool:
@@ -84,6 +86,8 @@ _TABLE = (
           curves=("loss", "eval_loss"), color="#7f7f7f"),
     Stage("eval", "Evaluate models on the same held-out data with the same recorded settings (eval.json), then "
           "rewrite the report of the config's output directory.", "eval", "eval"),
+    Stage("export", "Export a full or merged model to one GGUF file for llama.cpp and Ollama (with a Modelfile), "
+          "and check that the file gives the model's logits and answers.", "export", "export"),
 )
 
 STAGES: dict[str, Stage] = {s.name: s for s in _TABLE}  # in chain order: `stages:` is a subsequence of it

@@ -327,6 +327,33 @@ class MergeStageConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Generation budget of the stop check.")
 
 
+# max |Δlogit| between the GGUF file and its source, over the source's largest |logit|, accepted by
+# export's round trip. Measured (docs/benchmarks.md, fp32, transformers' GGUF loader): f16 ≤ 1.0e-3
+# (SmolLM2 8.4e-4, Gemma-3 9.7e-4), bf16 ≤ 7.5e-3, q8_0 ≤ 3.0e-2; the defaults leave 2-3x room.
+EXPORT_TOLERANCE = {"f16": 3e-3, "bf16": 2e-2, "q8_0": 6e-2}
+
+
+class ExportStageConfig(Strict):
+    format: Literal["gguf"] = Field("gguf", description="The file format: gguf (llama.cpp, Ollama).")
+    type: Literal["f16", "bf16", "q8_0"] = Field(
+        "q8_0", description="The GGUF tensor type: f16 and bf16 keep 16-bit weights, q8_0 8-bit blocks (half the "
+        "size). Matrices whose rows do not split into blocks of 32 stay f16 in a q8_0 file (llama.cpp's rule).")
+    tolerance: float | None = Field(
+        None, gt=0.0, description="Largest max |Δlogit| between the file (read back by transformers) and the source "
+        "model on the probe prompts, relative to the source's largest |logit|. Unset: "
+        + ", ".join(f"{k} {v:g}" for k, v in EXPORT_TOLERANCE.items()) + ".")
+    name: str | None = Field(None, description="The model's name in the file (general.name) and the file's stem; "
+                             "unset: the source directory's name.")
+    probe_prompts: list[str] = Field(
+        default_factory=lambda: ["What is 12 + 34?", "Write one sentence about the sea.", "Hello!"],
+        min_length=1, description="User messages rendered with the chat template for the round trip.",
+    )
+    max_new_tokens: int = Field(24, ge=1, description="Tokens of each greedy answer compared between file and source.")
+
+    def tolerance_for_type(self) -> float:
+        return self.tolerance if self.tolerance is not None else EXPORT_TOLERANCE[self.type]
+
+
 class ControlStageConfig(Strict):
     """The control row of the report: the SFT model trained on with SFT for as much compute as the
     stages after SFT used, so that no stage is credited with what more SFT would have done."""

@@ -151,6 +151,7 @@ BUILTINS = {
     "phi3": Builtin(PHI3, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ("<|assistant|>", "<|end|>")),
 }
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_MARKERS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 # Literal strings in a template that look like special tokens: <|...|>, <s>, </s>, [INST] ...
 SPECIAL_LOOKING = re.compile(r"<\|[A-Za-z0-9_\-]+\|>|</?s>|\[/?INST\]|<start_of_turn>|<end_of_turn>")
 PROBE = [
@@ -207,6 +208,12 @@ def required_tokens(template: str) -> list[str]:
         if template == b.template:
             return list(b.tokens)
     return list(dict.fromkeys(SPECIAL_LOOKING.findall(template)))
+
+
+def without_markers(template: str) -> str:
+    """The template without `{% generation %}` / `{% endgeneration %}`: what a runtime that does not
+    train (llama.cpp, Ollama, an exported file) is given; it renders the same text."""
+    return _MARKERS.sub("", template)
 
 
 def has_generation_markers(template: str) -> bool:
