@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-gpu models demo real-demo test test-gpu lint bench sft chain clean clean-demo
+.PHONY: install install-gpu models demo real-demo test test-gpu test-llama-cpp lint bench sft chain clean clean-demo
 
 install: $(STAMP)
 
@@ -53,6 +53,17 @@ test: install models
 # configured in pyproject.toml. A `noqa` comment is an exception someone has to justify.
 lint: install
 	$(BIN)/ruff check src tests scripts
+
+# Exported GGUF files run in llama.cpp itself: llama-cpp-python is on PyPI as a source distribution
+# only, and building it takes about 7.5 minutes on 2 CPU cores (pip keeps the built wheel), so
+# `make test` leaves these tests out (marker llama_cpp) and this target builds it, then runs them.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+test-llama-cpp: install models
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip install -c constraints.txt -c $(VENV)/torch-constraint.txt "$(LLAMA_CPP)"
+	$(BIN)/python -m pytest -q -s -m llama_cpp tests/test_llama_cpp.py
 
 # GPU runners: the posttrain[gpu] extra, then the CUDA tests (QLoRA 4-bit, bf16, packing, Liger;
 # several GPUs when present). Fails when no GPU is visible; -rs prints every skip with its reason.

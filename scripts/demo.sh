@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline demo: tiny model + tokenizer + data built locally, then the whole chain from one
-# config (format → sft → reward → ppo → dpo → merge → control → eval), ending with a report.
+# config (format → sft → reward → ppo → dpo → merge → control → eval → export), ending with a report.
 # No network. Usage: scripts/demo.sh. Every path comes from configs/demo.yaml (runs/demo/...).
 # Re-running skips the stages that are up to date; `make clean-demo` starts over.
 set -euo pipefail
@@ -14,7 +14,7 @@ echo "== 1/2 tiny model, tokenizer and demo data (offline) -> $DIR/tiny, $DIR/da
 $BIN/posttrain init-tiny "$DIR/tiny" --data-dir "$DIR/data"
 
 echo "== 2/2 the chain: posttrain run configs/demo.yaml"
-echo "   format -> sft -> reward -> ppo -> dpo -> merge -> control (more SFT, same compute) -> eval -> report"
+echo "   format -> sft -> reward -> ppo -> dpo -> merge -> control (more SFT, same compute) -> eval -> export -> report"
 $BIN/posttrain run configs/demo.yaml
 
 echo
@@ -29,3 +29,4 @@ echo "  $DIR/report.md               the same in Markdown, plots in $DIR/report/
 echo "  $DIR/posttrain-chain.json    the chain: stages, paths, status, key metrics, time, memory"
 echo "  $DIR/sft/, $DIR/reward/, $DIR/ppo/, $DIR/dpo/ (LoRA on ppo), $DIR/merge/, $DIR/control/"
 echo "  $DIR/eval/                   eval.json (every metric) and generations.jsonl (every response)"
+echo "  $DIR/export/                 the merged model as a GGUF file (llama.cpp) and its Ollama Modelfile"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The real-model demo: two chains on real pretrained models, on 2 CPU cores, offline once the models
 # are fetched (`make real-demo` runs scripts/fetch_models.py first), each ending in its report:
-#   smollm2: SmolLM2-135M-Instruct  format -> sft -> reward -> ppo -> dpo -> merge -> control -> eval
-#   gemma3:  Gemma-3-270M (base)    format -> sft -> dpo -> merge -> control -> eval
+#   smollm2: SmolLM2-135M-Instruct  format -> sft -> reward -> ppo -> dpo -> merge -> control -> eval -> export
+#   gemma3:  Gemma-3-270M (base)    format -> sft -> dpo -> merge -> control -> eval -> export
 # Both learn the task of src/posttrain/realtask.py (short factual answers as "Answer: <x>"; brief
 # preferred by the reward model and PPO, bold by DPO). After each chain, the retention check: KL from
 # the base model, per token, on general text the base model sampled itself (realtask.retention).

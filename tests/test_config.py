@@ -96,7 +96,8 @@ def test_configs_dir_is_not_empty():
 
 def test_demo_config_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.stages == ["format", "sft", "reward", "ppo", "dpo", "merge", "control", "eval"]
+    assert cfg.stages == ["format", "sft", "reward", "ppo", "dpo", "merge", "control", "eval", "export"]
+    assert cfg.export.type == "q8_0" and cfg.model_stage_before("export") == "merge"
     assert [s.name for s in cfg.eval.scorers] == ["exact", "concise"] and cfg.control.steps is None
     assert cfg.dpo.method == "lora" and cfg.dpo.reference == "adapter_disabled"
     assert cfg.reward.data == "style" and cfg.ppo.ptx_coef > 0 and cfg.uses_reward_stage("ppo")

@@ -1,9 +1,10 @@
 """The real-model smoke test inside `make test`: SmolLM2-135M-Instruct, as the GGUF file a user
 downloads, through the real CLI: format with its real tokenizer → a few LoRA SFT steps → merge
-with parity, then greedy generation from the merged model that stops at the end-of-turn token.
-Then the same model in bf16 (`model.dtype: bfloat16`, what a GPU user runs): format → LoRA SFT →
-LoRA DPO → merge in bf16: the adapters moved, DPO's step 0 agreed, the merge kept its parity and
-the merged bf16 model stops at the end-of-turn token.
+with parity → export to a q8_0 GGUF file with its round trip, then greedy generation from the
+merged model that stops at the end-of-turn token. Then the same model in bf16 (`model.dtype:
+bfloat16`, what a GPU user runs): format → LoRA SFT → LoRA DPO → merge in bf16 → export bf16: the
+adapters moved, DPO's step 0 agreed, the merge kept its parity, the merged bf16 model stops at the
+end-of-turn token, and its bf16 file holds the same numbers.
 
 The full real-model chains (reward, PPO, DPO, eval on both models) run in `make real-demo`, not
 here: this stays a few minutes on 2 CPU cores.
@@ -41,7 +42,8 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def chain(real_models, tmp_path_factory):
-    """format → sft (LoRA, 4 steps) → merge on the SmolLM2 GGUF file, through `posttrain run`."""
+    """format → sft (LoRA, 4 steps) → merge → export (q8_0) on the SmolLM2 GGUF file, through
+    `posttrain run`."""
     path, converted = real_models("smollm2")
     root = tmp_path_factory.mktemp("real_smoke")
     data = root / "sft.jsonl"
@@ -52,18 +54,49 @@ def chain(real_models, tmp_path_factory):
         "model": {"name_or_path": str(path)},
         "template": {"name": "chatml"},
         "data": {"sft": {"kind": "sft", "train": [{"path": str(data)}], "eval": [{"path": str(data), "limit": 4}]}},
-        "stages": ["format", "sft", "merge"],
+        "stages": ["format", "sft", "merge", "export"],
         "output_dir": str(root / "out"),
         "seed": 0,
         "sft": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                 "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 2e-3,
                              "logging_steps": 1, "save_steps": 1000, "max_length": 64}},
+        "export": {"type": "q8_0", "probe_prompts": [ROWS[0][0], ROWS[2][0]], "max_new_tokens": 16},
     }
     cfg_path = root / "smoke.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     r = subprocess.run([str(BIN), "run", str(cfg_path)], capture_output=True, text=True, env=ENV, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     return {"root": root / "out", "gguf": path, "converted": converted}
+
+
+def test_export_of_the_merged_model_passes_its_round_trip(chain):
+    """The q8_0 file of the merged SmolLM2 gives its logits within q8_0's tolerance (relative to the
+    logit scale) and carries SmolLM2's special tokens, the chain's chat template and a Modelfile;
+    transformers reads its tokenizer back with the same ids."""
+    from transformers import AutoTokenizer
+
+    from posttrain import ollama, templates
+    from posttrain.sections import EXPORT_TOLERANCE
+
+    out = chain["root"] / "export"
+    m = manifest.read(out)
+    assert m["parent"]["path"] == str(chain["root"] / "merge")
+    trip = m["checks"]["round_trip"]
+    print(f"\nexport q8_0: {trip['relative_diff']:.2e} of scale {trip['logit_scale']:.1f}, argmax "
+          f"{trip['argmax_agreement']:.3f}, answers {[s['file'] for s in trip['samples']]}")
+    assert trip["relative_diff"] <= EXPORT_TOLERANCE["q8_0"] and trip["argmax_agreement"] >= 0.9, trip
+    assert "Paris" in trip["samples"][0]["file"], trip["samples"]
+    meta = m["tokenizer"]
+    assert (meta["bos"]["text"], meta["eos"]["text"], meta["eot"]["text"]) == ("<|im_start|>", "<|im_end|>",
+                                                                             "<|im_end|>")
+    file = out / m["file"]["file"]
+    assert gguf.tokenizer_metadata(file)["chat_template"] == templates.without_markers(templates.CHATML)
+    assert 'TEMPLATE """' + ollama.TEMPLATES["chatml"] in (out / "Modelfile").read_text()
+    mine = AutoTokenizer.from_pretrained(str(chain["root"] / "merge"))
+    theirs = AutoTokenizer.from_pretrained(str(out), gguf_file=file.name)
+    text = mine.apply_chat_template([{"role": "user", "content": ROWS[3][0]}, {"role": "assistant",
+                                     "content": ROWS[3][1] + " 1234 ünï"}], tokenize=False)
+    assert theirs(text, add_special_tokens=False).input_ids == mine(text, add_special_tokens=False).input_ids
 
 
 def test_sft_trained_on_the_real_tokenizer(chain):
@@ -122,7 +155,7 @@ SFT_LR, DPO_LR, DPO_BETA = 2e-3, 5e-4, 0.1
 
 @pytest.fixture(scope="module")
 def bf16_chain(real_models, tmp_path_factory):
-    """format → sft (LoRA) → dpo (LoRA) → merge (bf16) with model.dtype bfloat16, through `posttrain
+    """format → sft (LoRA) → dpo (LoRA) → merge (bf16) → export (bf16) with model.dtype bfloat16, through `posttrain
     run`. The run's result is kept, not asserted here: each test checks the stages it is about."""
     path, converted = real_models("smollm2")
     root = tmp_path_factory.mktemp("real_bf16")
@@ -144,10 +177,11 @@ def bf16_chain(real_models, tmp_path_factory):
                  # the held-out set is the training pairs: step 0 and "after" are measured on them
                  "preference": {"kind": "preference", "train": [{"path": str(pref_data)}],
                                 "eval": [{"path": str(pref_data)}]}},
-        "stages": ["format", "sft", "dpo", "merge"],
+        "stages": ["format", "sft", "dpo", "merge", "export"],
         "output_dir": str(root / "out"),
         "seed": 0,
         "sft": {"method": "lora", "lora": BF16_LORA, "training": {**training, "learning_rate": SFT_LR}},
+        "export": {"type": "bf16", "probe_prompts": [ROWS[0][0]], "max_new_tokens": 16},
         "dpo": {"method": "lora", "lora": BF16_LORA,
                 "training": {**training, "learning_rate": DPO_LR, "beta": DPO_BETA}},
         "merge": {"dtype": "bfloat16", "probe_prompts": [ROWS[0][0], ROWS[1][0]], "max_new_tokens": 24},
@@ -317,3 +351,16 @@ def test_bf16_merge_parity_and_generation(bf16_chain):
     print(f"merged bf16 answer: {tok.decode(out)!r}")
     assert out and out[-1] == end, tok.decode(out)  # generation stopped at <|im_end|>, by itself
     assert "Paris" in tok.decode(out[:-1])
+
+
+def test_bf16_export_keeps_the_bf16_weights_exactly(bf16_chain):
+    """A bf16 merged model exported as bf16: the file holds the same bf16 numbers, so the file and the
+    model give the same float32 logits (up to summation order) and the same greedy answer."""
+    r = bf16_chain["run"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _finished(bf16_chain, "export")
+    trip = m["checks"]["round_trip"]
+    print(f"\nexport bf16 of bf16: max |Δ| {trip['max_abs_diff']:.2e}, answers {trip['samples']}")
+    assert m["type"] == "bf16" and m["file"]["quantization"] == "BF16"
+    assert trip["max_abs_diff"] <= 1e-4 * trip["logit_scale"], trip
+    assert trip["same_answers"] == trip["probes"] == 1 and trip["argmax_agreement"] == 1.0

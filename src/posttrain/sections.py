@@ -343,7 +343,8 @@ class ExportStageConfig(Strict):
         "model on the probe prompts, relative to the source's largest |logit|. Unset: "
         + ", ".join(f"{k} {v:g}" for k, v in EXPORT_TOLERANCE.items()) + ".")
     name: str | None = Field(None, description="The model's name in the file (general.name) and the file's stem; "
-                             "unset: the source directory's name.")
+                             "unset: <chain>-<stage> for a stage directory (runs/demo/merge: demo-merge), else the "
+                             "directory's or GGUF file's name.")
     probe_prompts: list[str] = Field(
         default_factory=lambda: ["What is 12 + 34?", "Write one sentence about the sea.", "Hello!"],
         min_length=1, description="User messages rendered with the chat template for the round trip.",

@@ -53,9 +53,17 @@ def chain(tiny_dir, demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory):
-    """The tiny model exported once per type, in this process."""
+    """The tiny model exported once per type: f16 and q8_0 in this process, bf16 through the command
+    line's --type and --format (over a config that says q8_0)."""
     root = tmp_path_factory.mktemp("export_types")
-    return {t: export.run(_config(tiny_dir, root / t, type=t)) for t in ("f16", "bf16", "q8_0")}
+    found = {t: export.run(_config(tiny_dir, root / t, type=t)) for t in ("f16", "q8_0")}
+    cfg = write_yaml(root / "c.yaml", {"model": {"name_or_path": str(tiny_dir)}, "stages": ["export"],
+                                       "template": {"name": "chatml"}, "output_dir": str(root / "bf16"),
+                                       "export": {"type": "q8_0", "probe_prompts": ["What is 12 + 34?", "Hello!"],
+                                                  "max_new_tokens": 8}})
+    assert_ok(cli("export", tiny_dir, "-c", cfg, "--type", "bf16", "--format", "gguf"))
+    found["bf16"] = root / "bf16" / "export"
+    return found
 
 
 def _gguf_file(out: Path) -> Path:
@@ -188,13 +196,17 @@ def test_manifest_is_written_last(exported):
 
 def test_tolerance_negative_controls_on_each_side(exported, tiny_dir, tmp_path):
     """The measured difference of an f16 export passes a tolerance 1% above it and fails one 1%
-    below it (same file, same probes), with one line and nothing finished."""
+    below it (same model, same probes); the stage that fails leaves one line and nothing finished."""
     measured = manifest.read(exported["f16"])["checks"]["round_trip"]["relative_diff"]
     assert measured > 0
-    ok = export.run(_config(tiny_dir, tmp_path / "above", type="f16", tolerance=measured * 1.01))
-    assert manifest.is_finished(ok)
+    cfg = _config(tiny_dir, tmp_path / "below", type="f16", tolerance=measured * 0.99)
+    tok = models.load_tokenizer(cfg, str(tiny_dir), need_masks=False)
+    probes = [tok.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                add_generation_prompt=True) for p in cfg.export.probe_prompts]
+    above = export.round_trip(tiny_dir, _gguf_file(exported["f16"]), tok, probes, 8, measured * 1.01, "f16")
+    assert above["relative_diff"] == measured
     with pytest.raises(PosttrainError, match="differ from the model's") as e:
-        export.run(_config(tiny_dir, tmp_path / "below", type="f16", tolerance=measured * 0.99))
+        export.run(cfg)
     assert "\n" not in str(e.value)
     below = tmp_path / "below" / "export"
     assert not manifest.is_finished(below) and not list(below.glob("*.gguf"))
@@ -288,11 +300,10 @@ def test_missing_converter_names_make_install(tiny_dir, tmp_path, monkeypatch):
     assert "make install" in e.value.fix
 
 
-def test_type_from_the_command_line_reaches_the_file(tiny_dir, tmp_path):
-    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"name_or_path": str(tiny_dir)}, "stages": ["export"],
-                                           "template": {"name": "chatml"}, "output_dir": str(tmp_path / "o"),
-                                           "export": {"probe_prompts": ["Hi"], "max_new_tokens": 2}})
-    assert_ok(cli("export", tiny_dir, "-c", cfg, "--type", "bf16", "--format", "gguf"))
-    out = tmp_path / "o" / "export"
+def test_type_from_the_command_line_reaches_the_file(exported, tiny_dir, tmp_path):
+    out = exported["bf16"]  # the config said q8_0
     assert gguf.describe(_gguf_file(out))["quantization"] == "BF16" and manifest.read(out)["type"] == "bf16"
+    assert _gguf_file(out).name == f"{tiny_dir.name}-bf16.gguf"
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"name_or_path": str(tiny_dir)}, "stages": ["export"],
+                                           "template": {"name": "chatml"}, "output_dir": str(tmp_path / "o")})
     assert_clean_error(cli("export", tiny_dir, "-c", cfg, "--type", "q4_k"), "export.type")

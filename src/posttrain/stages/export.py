@@ -73,18 +73,22 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     stage_files(local, tok, staging)
 
     # 3. convert
+    t1 = time.time()
     with console.status(f"converting {source} to {file} ({ec.type}) with llama.cpp's converter"):
         convert(staging, out / file, ec.type, name, tok.eot_id, converter, out / LOG)
+    t2 = time.time()
 
     # 4. round trip
     probes = [tok.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                 add_generation_prompt=True) for p in ec.probe_prompts]
     try:
-        metadata = check_metadata(out / file, tok)
+        reader = gguf.read(out / file)
+        metadata = check_metadata(out / file, tok, reader)
         trip = round_trip(local, out / file, tok, probes, ec.max_new_tokens, ec.tolerance_for_type(), ec.type)
     except PosttrainError:
         (out / file).replace(out / f"{file}.failed")
         raise
+    t3 = time.time()
     _remove(staging)
 
     # 5. Modelfile
@@ -95,7 +99,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     (out / ollama.FILE).write_text(ollama.modelfile(file, builtin, system=system, stop=stops), encoding="utf-8")
 
     # 6. verdict and manifest
-    info = gguf.describe(out / file)
+    info = gguf.describe(out / file, reader)
+    del reader  # its memory map of the file
     common.write_manifest(
         out, "export", cfg, tok, parent=source, key=key, started=started,
         format=ec.format, type=ec.type,
@@ -105,7 +110,8 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
         modelfile={"file": ollama.FILE, "template": ollama.family(builtin), "system": system, "stop": stops},
         converter=converter_version(converter),
         checks={"round_trip": trip},
-        metrics={"wall_time_s": round(time.time() - t0, 2)},
+        metrics={"wall_time_s": round(time.time() - t0, 2), "convert_s": round(t2 - t1, 2),
+                 "round_trip_s": round(t3 - t2, 2)},
     )
     summary("export", {
         "model → file": f"{source} → {out / file} ({info['size_bytes'] / 1e6:.1f} MB, {info['quantization']})",
@@ -137,8 +143,13 @@ def default_source(cfg: Config) -> str:
 
 
 def _stem(source: str) -> str:
+    """The file's default name: a GGUF source's stem; a stage directory as <chain>-<stage>
+    (runs/demo/merge: demo-merge); any other directory's own name."""
     p = Path(source)
-    return p.name.removesuffix(p.suffix) if gguf.is_gguf(source) else p.resolve().name
+    if gguf.is_gguf(source):
+        return p.name.removesuffix(p.suffix)
+    p = p.resolve()
+    return f"{p.parent.name}-{p.name}" if manifest.read(p) and p.parent.name else p.name
 
 
 def converter_dir() -> Path:
@@ -197,11 +208,11 @@ def convert(staging: Path, target: Path, type_: str, name: str, eot_id: int, con
     partial.replace(target)
 
 
-def check_metadata(file: Path, tok: models.TokenizerInfo) -> dict:
+def check_metadata(file: Path, tok: models.TokenizerInfo, reader=None) -> dict:
     """The file carries what a runtime needs to chat: the chat template the model was trained with
     (without markers), an end-of-turn token (eot, or eos when they are the same), a vocabulary
     covering the tokenizer's."""
-    meta = gguf.tokenizer_metadata(file)
+    meta = gguf.tokenizer_metadata(file, reader)
     expected = templates.without_markers(tok.template)
     problems = []
     if meta["chat_template"] != expected:
