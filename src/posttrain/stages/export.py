@@ -9,7 +9,8 @@ Reads top to bottom:
     mean nothing to a runtime);
  3. llama.cpp's converter (`convert-hf-to-gguf`, in a process of its own: posttrain.converter)
     writes `<name>-<type>.gguf`, with the end-of-turn token as the file's eot token; its log is
-    `convert.log`. An architecture it does not know is one line;
+    `convert.log`, to a hidden partial name until the round trip has passed. An architecture it
+    does not know is one line;
  4. round trip: the file read back by transformers' GGUF loader must give the source model's
     logits on the probe prompts within the tolerance of its type (relative to the logits' scale,
     both in float32); the greedy answers of both are compared and recorded; the file's tokenizer
@@ -74,20 +75,22 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
 
     # 3. convert
     t1 = time.time()
+    partial = out / f".{file}.partial"  # named <file> only once it has passed the round trip
     with console.status(f"converting {source} to {file} ({ec.type}) with llama.cpp's converter"):
-        convert(staging, out / file, ec.type, name, tok.eot_id, converter, out / LOG)
+        convert(staging, partial, ec.type, name, tok.eot_id, converter, out / LOG)
     t2 = time.time()
 
     # 4. round trip
     probes = [tok.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                 add_generation_prompt=True) for p in ec.probe_prompts]
     try:
-        reader = gguf.read(out / file)
-        metadata = check_metadata(out / file, tok, reader)
-        trip = round_trip(local, out / file, tok, probes, ec.max_new_tokens, ec.tolerance_for_type(), ec.type)
+        reader = gguf.read(partial)
+        metadata = check_metadata(partial, tok, reader)
+        trip = round_trip(local, partial, tok, probes, ec.max_new_tokens, ec.tolerance_for_type(), ec.type)
     except PosttrainError:
-        (out / file).replace(out / f"{file}.failed")
+        partial.replace(out / f"{file}.failed")
         raise
+    partial.replace(out / file)
     t3 = time.time()
     _remove(staging)
 
@@ -185,14 +188,13 @@ def stage_files(local: Path, tok: models.TokenizerInfo, staging: Path) -> None:
 
 
 def convert(staging: Path, target: Path, type_: str, name: str, eot_id: int, converter: Path, log: Path) -> None:
-    """Run posttrain.converter in its own process (the converter's `gguf` first on its path);
-    write to a partial file and rename it when the converter succeeded."""
+    """Run posttrain.converter in its own process (the converter's `gguf` first on its path); no
+    `target` is left when it fails."""
     from posttrain import converter as driver
 
-    partial = target.with_name(f".{target.name}.partial")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(converter), os.environ.get("PYTHONPATH")) if p)}
     with log.open("w", encoding="utf-8") as f:
-        done = subprocess.run([sys.executable, "-m", "posttrain.converter", str(staging), str(partial), type_, name,
+        done = subprocess.run([sys.executable, "-m", "posttrain.converter", str(staging), str(target), type_, name,
                                str(eot_id)], stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
     text = log.read_text(encoding="utf-8", errors="replace")
     if done.returncode == driver.UNSUPPORTED:
@@ -200,12 +202,11 @@ def convert(staging: Path, target: Path, type_: str, name: str, eot_id: int, con
         raise PosttrainError(f"llama.cpp's converter does not know the architecture {arch}, so it cannot be "
                              "written as GGUF", fix="export a model of an architecture llama.cpp supports (Llama, "
                              "Gemma, Qwen, Mistral, Phi, ...); the list: convert-hf-to-gguf --print-supported-models")
-    if done.returncode != 0 or not partial.is_file():
+    if done.returncode != 0 or not target.is_file():
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["no output"]
-        partial.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise PosttrainError(f"the GGUF conversion failed: {last[0].strip()[:200]}", where=str(log),
                              fix="the whole converter log is in that file")
-    partial.replace(target)
 
 
 def check_metadata(file: Path, tok: models.TokenizerInfo, reader=None) -> dict:
