@@ -1,5 +1,5 @@
-"""Gemma-3-270M exported to GGUF after its chain: the GGUF file a user downloads → format → a few
-LoRA SFT steps with the Gemma template → merge → export (f16), through `posttrain run`.
+"""Gemma-3-270M exported to GGUF after its chain: the GGUF file a user downloads → format → one
+LoRA SFT step with the Gemma template → merge → export (f16), through `posttrain run`.
 
 Gemma is the case llama.cpp's converter gets wrong by itself: transformers 5 saves its tokenizer as
 tokenizer.json only, and without tokenizer.model the converter writes a GPT-2 vocabulary of
@@ -54,10 +54,10 @@ def chain(real_models, tmp_path_factory):
         "output_dir": str(root / "out"),
         "seed": 0,
         "sft": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+                "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
                              "logging_steps": 1, "save_steps": 1000, "max_length": 48}},
-        "merge": {"dtype": "float32", "probe_prompts": [ROWS[0][0]], "max_new_tokens": 8},
-        "export": {"type": "f16", "probe_prompts": [ROWS[0][0], ROWS[1][0]], "max_new_tokens": 12},
+        "merge": {"dtype": "float32", "probe_prompts": [ROWS[0][0]], "max_new_tokens": 4},
+        "export": {"type": "f16", "probe_prompts": [ROWS[0][0]], "max_new_tokens": 8},
     }
     cfg_path = root / "gemma.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
