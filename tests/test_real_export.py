@@ -6,8 +6,8 @@ tokenizer.json only, and without tokenizer.model the converter writes a GPT-2 vo
 SentencePiece pieces that neither transformers nor llama.cpp reads back correctly. posttrain's
 driver writes it as llama.cpp writes Gemma's (posttrain/converter.py). Here: the round trip
 passes at f16's tight tolerance, the tokenizer read back from the file encodes a Gemma chat with
-its turn tokens whole and the same ids, and the file carries the Gemma template, <end_of_turn> as
-its end-of-turn token and a Modelfile with Ollama's Gemma template. (SmolLM2's export runs in
+its turn tokens whole and the same ids (the stage's own check), and the file carries the Gemma
+template, <end_of_turn> as its end-of-turn token and a Modelfile with Ollama's Gemma template. (SmolLM2's export runs in
 tests/test_real_smoke.py.)
 """
 
@@ -73,6 +73,9 @@ def test_gemma_export_passes_the_f16_round_trip(chain):
     print(f"\ngemma f16: {trip['relative_diff']:.2e} of scale {trip['logit_scale']:.1f}, argmax "
           f"{trip['argmax_agreement']:.3f}, answers {[s['file'] for s in trip['samples']]}")
     assert trip["relative_diff"] <= EXPORT_TOLERANCE["f16"] and trip["argmax_agreement"] >= 0.95, trip
+    # the tokenizer transformers reads back from the file (the SentencePiece vocabulary the driver
+    # wrote) gave the model's ids on the probe and on a chat with its turn tokens and non-ASCII text
+    assert trip["tokenizer_same_ids"] == 2
 
 
 def test_gemma_file_carries_its_template_turn_tokens_and_vocabulary(chain):
@@ -86,16 +89,3 @@ def test_gemma_file_carries_its_template_turn_tokens_and_vocabulary(chain):
     text = (chain / "export" / ollama.FILE).read_text()
     assert 'TEMPLATE """' + ollama.TEMPLATES["gemma"] + '"""' in text
     assert 'PARAMETER stop "<end_of_turn>"' in text
-
-
-def test_gemma_tokenizer_read_from_the_file_keeps_turn_tokens_whole(chain):
-    from transformers import AutoTokenizer
-
-    m = manifest.read(chain / "export")
-    mine = AutoTokenizer.from_pretrained(str(chain / "merge"))
-    theirs = AutoTokenizer.from_pretrained(str(chain / "export"), gguf_file=m["file"]["file"])
-    text = mine.apply_chat_template([{"role": "user", "content": "What is  12 + 34?\n"},
-                                     {"role": "assistant", "content": "46 — ünïcödé."}], tokenize=False)
-    ids = theirs(text, add_special_tokens=False).input_ids
-    assert ids == mine(text, add_special_tokens=False).input_ids
-    assert ids.count(mine.convert_tokens_to_ids("<start_of_turn>")) == 2

@@ -73,8 +73,6 @@ def test_export_of_the_merged_model_passes_its_round_trip(chain):
     """The q8_0 file of the merged SmolLM2 gives its logits within q8_0's tolerance (relative to the
     logit scale) and carries SmolLM2's special tokens, the chain's chat template and a Modelfile;
     transformers reads its tokenizer back with the same ids."""
-    from transformers import AutoTokenizer
-
     from posttrain import ollama, templates
     from posttrain.sections import EXPORT_TOLERANCE
 
@@ -92,11 +90,7 @@ def test_export_of_the_merged_model_passes_its_round_trip(chain):
     file = out / m["file"]["file"]
     assert gguf.tokenizer_metadata(file)["chat_template"] == templates.without_markers(templates.CHATML)
     assert 'TEMPLATE """' + ollama.TEMPLATES["chatml"] in (out / "Modelfile").read_text()
-    mine = AutoTokenizer.from_pretrained(str(chain["root"] / "merge"))
-    theirs = AutoTokenizer.from_pretrained(str(out), gguf_file=file.name)
-    text = mine.apply_chat_template([{"role": "user", "content": ROWS[3][0]}, {"role": "assistant",
-                                     "content": ROWS[3][1] + " 1234 ünï"}], tokenize=False)
-    assert theirs(text, add_special_tokens=False).input_ids == mine(text, add_special_tokens=False).input_ids
+    assert trip["tokenizer_same_ids"] == 3  # the file's tokenizer, read back: the probes and a chat
 
 
 def test_sft_trained_on_the_real_tokenizer(chain):

@@ -523,3 +523,20 @@ def test_resolve_tokenizer_without_template_names_the_fitting_builtin():
     with pytest.raises(PosttrainError) as info:
         templates.resolve("tokenizer", None, {"a": 0})
     assert "add_special_tokens: true" in info.value.line()
+
+
+def test_without_markers_keeps_the_markers_whitespace_control():
+    """The markers' `-` trims whitespace; without them the template must render the same text, for
+    the built-ins and for a template whose markers carry the only trimming."""
+    import jinja2
+
+    from posttrain import templates
+
+    own = "user:\n  {%- generation -%}\n  {{ m }}  {%- endgeneration -%}\n!"
+    env = jinja2.Environment()
+    env.add_extension("jinja2.ext.do")
+    stripped = templates.without_markers(own)
+    assert not templates.has_generation_markers(stripped) and "endgeneration" not in stripped
+    assert env.from_string(stripped).render(m="hi") == "user:hi!"
+    plain = "a {% generation %} b {% endgeneration %} c"
+    assert env.from_string(templates.without_markers(plain)).render() == "a  b  c"

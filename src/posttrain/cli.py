@@ -205,6 +205,14 @@ def export(directory: Annotated[str | None, typer.Argument(
                "--type", help="The tensor type (export.type): f16, bf16 or q8_0 [default: q8_0].")] = None,
            output: OutputOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False) -> None:
     given = [f"export.format={format_}"] * (format_ is not None) + [f"export.type={type_}"] * (type_ is not None)
+    if config is None:
+        from posttrain import manifest
+
+        if directory is None or "config" not in (manifest.read(directory) or {}):
+            raise PosttrainError(("no DIRECTORY and no config" if directory is None else
+                                  f"'{directory}' is not a posttrain stage with a recorded config"),
+                                 fix="pass a finished stage directory, or -c CONFIG (with a model directory: "
+                                 "posttrain export DIR -c CONFIG)")
     cfg = _load(config, [*given, *(set_ or [])], directory)
     _quiet_libraries()
     from posttrain.stages import export as stage

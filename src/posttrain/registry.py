@@ -87,7 +87,7 @@ _TABLE = (
     Stage("eval", "Evaluate models on the same held-out data with the same recorded settings (eval.json), then "
           "rewrite the report of the config's output directory.", "eval", "eval"),
     Stage("export", "Export a full or merged model to one GGUF file for llama.cpp and Ollama (with a Modelfile), "
-          "and check that the file gives the model's logits and answers.", "export", "export"),
+          "and check the file against the model (logits, tokenizer, metadata).", "export", "export"),
 )
 
 STAGES: dict[str, Stage] = {s.name: s for s in _TABLE}  # in chain order: `stages:` is a subsequence of it

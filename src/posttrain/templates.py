@@ -151,7 +151,7 @@ BUILTINS = {
     "phi3": Builtin(PHI3, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), ("<|assistant|>", "<|end|>")),
 }
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_MARKERS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+_MARKER_TAGS = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
 # Literal strings in a template that look like special tokens: <|...|>, <s>, </s>, [INST] ...
 SPECIAL_LOOKING = re.compile(r"<\|[A-Za-z0-9_\-]+\|>|</?s>|\[/?INST\]|<start_of_turn>|<end_of_turn>")
 PROBE = [
@@ -212,8 +212,9 @@ def required_tokens(template: str) -> list[str]:
 
 def without_markers(template: str) -> str:
     """The template without `{% generation %}` / `{% endgeneration %}`: what a runtime that does not
-    train (llama.cpp, Ollama, an exported file) is given; it renders the same text."""
-    return _MARKERS.sub("", template)
+    train (llama.cpp, Ollama, an exported file) is given. Each tag becomes `{% if true %}` /
+    `{% endif %}` with the same whitespace control, so it renders the same text."""
+    return _MARKER_TAGS.sub(lambda m: f"{{%{m[1]} {'endif' if m[2] else 'if true'} {m[3]}%}}", template)
 
 
 def has_generation_markers(template: str) -> bool:

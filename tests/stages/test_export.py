@@ -307,3 +307,32 @@ def test_type_from_the_command_line_reaches_the_file(exported, tiny_dir, tmp_pat
     cfg = write_yaml(tmp_path / "c.yaml", {"model": {"name_or_path": str(tiny_dir)}, "stages": ["export"],
                                            "template": {"name": "chatml"}, "output_dir": str(tmp_path / "o")})
     assert_clean_error(cli("export", tiny_dir, "-c", cfg, "--type", "q4_k"), "export.type")
+
+
+def test_command_without_directory_or_config_is_one_line(tiny_dir):
+    assert_clean_error(cli("export"), "no DIRECTORY and no config", "-c CONFIG")
+    assert_clean_error(cli("export", tiny_dir), "not a posttrain stage with a recorded config")
+
+
+def test_template_needing_new_tokens_is_refused_before_converting(tiny_dir, tmp_path):
+    """The tiny tokenizer has no Gemma turn tokens: adding them would export untrained rows."""
+    cfg = validate_dict({"model": {"name_or_path": str(tiny_dir)}, "stages": ["export"], "output_dir": str(tmp_path),
+                         "template": {"name": "gemma", "add_special_tokens": True}})
+    with pytest.raises(PosttrainError, match="needs tokens .* does not have"):
+        export.run(cfg)
+    assert not (tmp_path / "export").exists()
+
+
+def test_tokenizer_check_fires_on_a_tokenizer_that_splits_differently(exported, tiny_dir, tmp_path):
+    """Negative control of the round trip's tokenizer check: the file's own tokenizer passes; the
+    same vocabulary with a SentencePiece-style pre-tokenizer instead of byte level fails."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = models.load_tokenizer(_config(tiny_dir, tmp_path), str(tiny_dir), need_masks=False)
+    file = _gguf_file(exported["f16"])
+    theirs = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    assert export.check_tokenizer(theirs, tok, ["What is 12 + 34?"], file.name) == 2
+    theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(PosttrainError, match="encodes .* differently"):
+        export.check_tokenizer(theirs, tok, ["What is 12 + 34?"], file.name)

